@@ -1,0 +1,261 @@
+"""Load Wan2.1 / SkyReels-V2 transformer checkpoints (diffusers or official layout) into `WanTransformer`.
+
+- diffusers: a folder with `config.json` and `diffusion_pytorch_model.safetensors`, or shards listed in
+  `diffusion_pytorch_model.safetensors.index.json`; the pipeline root with a `transformer/` subfolder works too.
+- official Wan2.1: official key names (`blocks.0.self_attn.q.weight`, `head.head.weight`, ...) and the official
+  `config.json` (`dim`, `num_heads`, `in_dim`, ...).
+
+Tensors stream shard by shard, one at a time, into preallocated stacked (num_layers, ...) buffers of the
+target dtype, so the checkpoint is never held twice. Every key and shape is checked; all problems are
+reported together in one `ValueError`. Converted parameters can be saved and restored with Orbax.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.wan.config import WanConfig
+from models.wan.safetensors_reader import SafetensorsFile
+from models.wan.transformer import WanTransformer, abstract_transformer
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+IGNORED_KEYS = re.compile(r".*norm_added_q.*")  # diffusers ignores these too
+
+# Our parameter path (without the layer index) -> diffusers module name.
+_TOP = {
+    "patch_embedding": "patch_embedding",
+    "text_embedder.linear_1": "condition_embedder.text_embedder.linear_1",
+    "text_embedder.linear_2": "condition_embedder.text_embedder.linear_2",
+    "time_embedder.linear_1": "condition_embedder.time_embedder.linear_1",
+    "time_embedder.linear_2": "condition_embedder.time_embedder.linear_2",
+    "time_embedder.time_proj": "condition_embedder.time_proj",
+    "proj_out": "proj_out",
+}
+_BLOCK = {
+    **{f"attn{a}.{p}": f"attn{a}.{p}" for a in (1, 2) for p in ("to_q", "to_k", "to_v", "norm_q", "norm_k")},
+    "attn1.to_out": "attn1.to_out.0",
+    "attn2.to_out": "attn2.to_out.0",
+    "norm2": "norm2",
+    "ffn.proj_in": "ffn.net.0.proj",
+    "ffn.proj_out": "ffn.net.2",
+}
+# Official module names inside a block -> diffusers ones (convert_wan_to_diffusers.py's table).
+_OFFICIAL_BLOCK = {
+    **{f"self_attn.{p}": f"attn1.to_{p}" for p in "qkv"}, "self_attn.o": "attn1.to_out.0",
+    **{f"cross_attn.{p}": f"attn2.to_{p}" for p in "qkv"}, "cross_attn.o": "attn2.to_out.0",
+    **{f"{a}.norm_{p}": f"{b}.norm_{p}" for a, b in (("self_attn", "attn1"), ("cross_attn", "attn2")) for p in "qk"},
+    "norm3": "norm2", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2", "modulation": "scale_shift_table",
+}
+_OFFICIAL_TOP = {
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj",
+    "head.head": "proj_out",
+    "patch_embedding": "patch_embedding",
+}
+
+
+def official_to_diffusers_key(key: str) -> str:
+    """Rename one official Wan2.1 key to its diffusers name (unknown keys come back unchanged)."""
+    if key == "head.modulation":
+        return "scale_shift_table"
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", key) or re.fullmatch(r"blocks\.(\d+)\.(modulation)()", key)
+    if m:
+        i, mod, leaf = m.groups()
+        mod = _OFFICIAL_BLOCK.get(mod, mod)
+        return f"blocks.{i}.{mod}" + (f".{leaf}" if leaf else "")
+    m = re.fullmatch(r"(.+)\.(weight|bias)", key)
+    if m and m.group(1) in _OFFICIAL_TOP:
+        return f"{_OFFICIAL_TOP[m.group(1)]}.{m.group(2)}"
+    return key
+
+
+def _diffusers_name(path: tuple[str, ...]) -> tuple[str, bool, str]:
+    """Our flat param path -> (diffusers key, or template with {i} for stacked layers; stacked?; leaf kind)."""
+    *mod, leaf = path
+    if mod and mod[0] == "layers":
+        sub = ".".join(mod[1:])
+        if sub == "" and leaf == "scale_shift_table":
+            return "blocks.{i}.scale_shift_table", True, "table"
+        name = _BLOCK[sub]
+        return f"blocks.{{i}}.{name}.{'weight' if leaf == 'kernel' else leaf}", True, leaf
+    if not mod and leaf == "scale_shift_table":
+        return "scale_shift_table", False, "table"
+    name = _TOP[".".join(mod)]
+    return f"{name}.{'weight' if leaf == 'kernel' else leaf}", False, leaf
+
+
+def _to_ours(arr: np.ndarray, kind: str, target_shape: tuple[int, ...]) -> np.ndarray:
+    """torch layout -> ours: Linear (out, in) -> (in, out); Conv3d (O, I, kt, kh, kw) -> (kt, kh, kw, I, O)."""
+    if kind == "kernel":
+        if arr.ndim == 5:
+            return arr.transpose(2, 3, 4, 1, 0)
+        if arr.ndim == 2:
+            return arr.T
+    return arr
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, dict, str]:
+    """Find the transformer folder, read its config.json and tell its layout ('diffusers' or 'official')."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"checkpoint path {root} does not exist")
+    folder = root / "transformer" if (root / "transformer" / "config.json").exists() else root
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise ValueError(f"{root}: no config.json (looked in {folder}); expected a diffusers transformer folder, "
+                         "a diffusers pipeline root with transformer/, or an official Wan2.1 folder")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg_path}: invalid JSON ({err})") from err
+    if "num_attention_heads" in cfg:
+        layout = "diffusers"
+    elif "num_heads" in cfg and "dim" in cfg:
+        layout = "official"
+    else:
+        raise ValueError(f"{cfg_path}: neither a diffusers (num_attention_heads, ...) nor an official Wan2.1 "
+                         "(dim, num_heads, ...) transformer config")
+    return folder, cfg, layout
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: from the shard index if present, else the single file."""
+    index = folder / INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{index}: unreadable shard index ({err})") from err
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise ValueError(f"{index} lists shards that are not there: {missing}")
+        return files
+    if (folder / WEIGHTS).exists():
+        return [folder / WEIGHTS]
+    found = sorted(folder.glob("*.safetensors"))
+    if not found:
+        raise ValueError(f"{folder}: no {WEIGHTS}, no {INDEX} and no *.safetensors files")
+    return found
+
+
+def load_transformer(path: str | Path, dtype: str = "float32", *, cache_dir: str | Path | None = None,
+                     **config_overrides) -> WanTransformer:
+    """Load a Wan2.1 / SkyReels-V2 transformer; callable as `model(x, t, context)` on channels-last latents.
+
+    dtype: 'float32' (everything fp32) or 'bfloat16' (matmul weights and activations bf16; time embedding,
+    modulation tables and norms fp32). `cache_dir`: where Orbax keeps the converted parameters; when it
+    already holds them they are restored instead of converting again. `config_overrides` replace config
+    fields (e.g. `num_frame_per_block=2` to run a SkyReels-V2 DF checkpoint block-causally).
+    """
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={dtype!r}: allowed are 'float32' and 'bfloat16'")
+    if cache_dir is not None and (Path(cache_dir) / "wan_config.json").exists():
+        return restore_converted(cache_dir, dtype=dtype)
+    folder, raw, layout = resolve_checkpoint(path)
+    make = WanConfig.from_diffusers_config if layout == "diffusers" else WanConfig.from_official_config
+    cfg = make(raw, param_dtype=dtype, dtype=dtype, **config_overrides)
+    model = _load_weights(cfg, folder, layout)
+    if cache_dir is not None:
+        save_converted(model, cache_dir)
+    return model
+
+
+def _load_weights(cfg: WanConfig, folder: Path, layout: str) -> WanTransformer:
+    abstract = abstract_transformer(cfg)
+    graphdef, abs_state = nnx.split(abstract)
+    flat = nnx.to_flat_state(abs_state)
+    targets = {}   # diffusers key -> (buffer, layer index or None, kind)
+    buffers = {}
+    for path, var in flat:
+        path = tuple(str(p) for p in path)
+        name, stacked, kind = _diffusers_name(path)
+        buf = np.empty(var.shape, dtype=var.dtype)
+        buffers[path] = buf
+        if stacked:
+            for i in range(cfg.num_layers):
+                targets[name.format(i=i)] = (buf, i, kind)
+        else:
+            targets[name] = (buf, None, kind)
+
+    seen, unexpected, misshaped = set(), [], []
+    for file in weight_files(folder):
+        st = SafetensorsFile(file)
+        for key in st.keys():
+            dkey = official_to_diffusers_key(key) if layout == "official" else key
+            if dkey not in targets:
+                if not IGNORED_KEYS.fullmatch(key):
+                    unexpected.append(key)
+                continue
+            buf, i, kind = targets[dkey]
+            want = buf.shape[1:] if i is not None else buf.shape
+            arr = _to_ours(st.read(key), kind, want)
+            if arr.shape != want:
+                misshaped.append(f"{key}: checkpoint {st.shape(key)} vs model {want} (ours, after transposing)")
+                continue
+            if i is None:
+                buf[...] = arr
+            else:
+                buf[i] = arr
+            seen.add(dkey)
+    missing = sorted(set(targets) - seen)
+    if missing or unexpected or misshaped:
+        raise ValueError(_mismatch_message(folder, cfg, missing, unexpected, misshaped))
+    for path, var in nnx.to_flat_state(abs_state):
+        var.set_value(jnp.asarray(buffers[tuple(str(p) for p in path)]))
+    return nnx.merge(graphdef, abs_state)
+
+
+def _mismatch_message(folder, cfg, missing, unexpected, misshaped) -> str:
+    def part(title, items):
+        if not items:
+            return ""
+        shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
+        return f"\n  {title} ({len(items)}): {shown}"
+    return (f"checkpoint {folder} does not match the model built from its config.json "
+            f"(dim={cfg.dim}, layers={cfg.num_layers}, heads={cfg.num_attention_heads}, ffn_dim={cfg.ffn_dim}, "
+            f"in/out channels={cfg.in_channels}/{cfg.out_channels}, text_dim={cfg.text_dim}):"
+            + part("missing keys", missing) + part("unexpected keys", unexpected)
+            + part("mis-shaped keys", misshaped))
+
+
+def save_converted(model: WanTransformer, directory: str | Path) -> None:
+    """Save converted parameters with Orbax plus the config, for fast reload by `restore_converted`."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    state = nnx.state(model, nnx.Param)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(directory / "params", state, force=True)
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.cfg.__dict__.items()}
+    (directory / "wan_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def restore_converted(directory: str | Path, dtype: str | None = None) -> WanTransformer:
+    """Restore a model saved by `save_converted` (optionally switching between float32 and bfloat16)."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    cfg_path = directory / "wan_config.json"
+    if not cfg_path.exists():
+        raise ValueError(f"{directory}: no wan_config.json; not a directory written by save_converted")
+    raw = json.loads(cfg_path.read_text())
+    raw["patch_size"] = tuple(raw["patch_size"])
+    cfg = WanConfig(**raw)
+    if dtype is not None:
+        cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
+    graphdef, abs_state = nnx.split(abstract_transformer(cfg))
+    with ocp.StandardCheckpointer() as ckpt:
+        state = ckpt.restore(directory / "params", abs_state)
+    return nnx.merge(graphdef, state)
