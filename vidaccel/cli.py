@@ -1,0 +1,75 @@
+"""The `vidaccel` command. Each subcommand is one function registered in `COMMANDS`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from models.wan import abstract_transformer, count_params
+    from models.wan.config import PRESETS
+
+    rows = []
+    for name, make in PRESETS.items():
+        cfg = make()
+        rows.append({"preset": name, "dim": cfg.dim, "layers": cfg.num_layers, "heads": cfg.num_attention_heads,
+                     "ffn_dim": cfg.ffn_dim, "parameters": count_params(abstract_transformer(cfg))})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{'preset':<16} {'dim':>6} {'layers':>6} {'heads':>5} {'ffn':>6} {'parameters':>15}")
+        for r in rows:
+            print(f"{r['preset']:<16} {r['dim']:>6} {r['layers']:>6} {r['heads']:>5} {r['ffn_dim']:>6} "
+                  f"{r['parameters']:>15,}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from models.wan import count_params, load_transformer
+
+    model = load_transformer(args.checkpoint, dtype=args.dtype, cache_dir=args.out)
+    cfg = model.cfg
+    print(f"converted {args.checkpoint} -> {args.out}: dim {cfg.dim}, {cfg.num_layers} layers, "
+          f"{count_params(model):,} parameters, {args.dtype}")
+    return 0
+
+
+COMMANDS = {
+    "presets": (_presets, "list the Wan config presets and their parameter counts",
+                lambda p: p.add_argument("--json", action="store_true", help="print JSON")),
+    "convert": (_convert, "convert a diffusers or official Wan2.1 checkpoint to an Orbax cache for fast reload",
+                lambda p: (p.add_argument("checkpoint", help="diffusers folder, pipeline root, or official folder"),
+                           p.add_argument("out", help="output folder for the converted parameters"),
+                           p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"]))),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vidaccel",
+        description="Training-free acceleration of video diffusion transformers (JAX / Flax / Pallas).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (fn, help_text, add_args) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"vidaccel {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

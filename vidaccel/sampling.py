@@ -1,0 +1,115 @@
+"""`sample()`: the whole denoising loop as one jitted `lax.scan`, with classifier-free guidance.
+
+The scan carries (latents, solver state, denoiser state per CFG branch). The conditional and the
+unconditional branch are separate denoiser calls, each with its own state, as the diffusers Wan pipeline
+runs them (so a caching method's skip decisions stay per branch and real work is skipped). A progress bar
+is driven from inside the scan by `jax.debug.callback`, without leaving the compiled loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from models.wan.transformer import assert_finite
+from vidaccel.transforms import Denoiser, DenoiseSpec
+
+_BARS: dict[int, Any] = {}
+_BAR_IDS = itertools.count(1)
+_BAR_LOCK = threading.Lock()
+
+
+@struct.dataclass
+class SampleOutput:
+    """Final latents and the denoiser state(s) after the last step (counters included).
+
+    `state` is one denoiser state without guidance, else a dict {'cond': ..., 'uncond': ...}.
+    """
+
+    latents: jax.Array
+    state: Any
+
+
+def _tick(bar_id, i):
+    bar = _BARS.get(int(bar_id))
+    if bar is not None:
+        bar.update(1)
+
+
+def _sample_impl(den: Denoiser, solver, guided: bool, params, noise, context, negative, guidance, bar_id):
+    spec = DenoiseSpec(jax.ShapeDtypeStruct(noise.shape, noise.dtype),
+                       jax.ShapeDtypeStruct(context.shape, context.dtype), solver.num_steps)
+    den_state = {"cond": den.init(spec), "uncond": den.init(spec)} if guided else den.init(spec)
+    timesteps = jnp.asarray(solver.timesteps, jnp.float32)
+
+    def step(carry, i):
+        x, sstate, dstate = carry
+        t = jnp.broadcast_to(timesteps[i], (x.shape[0],))
+        if guided:
+            vc, sc = den.apply(params, dstate["cond"], x, t, context)
+            vu, su = den.apply(params, dstate["uncond"], x, t, negative)
+            v = vu + guidance * (vc - vu)
+            dstate = {"cond": sc, "uncond": su}
+        else:
+            v, dstate = den.apply(params, dstate, x, t, context)
+        x, sstate = solver.step(sstate, i, x, v)
+        jax.debug.callback(_tick, bar_id, i)
+        return (x, sstate, dstate), None
+
+    steps = jnp.arange(solver.num_steps, dtype=jnp.int32)
+    (x, _, den_state), _ = jax.lax.scan(step, (noise, solver.init(noise), den_state), steps)
+    return SampleOutput(x, den_state)
+
+
+_sample_jit = jax.jit(_sample_impl, static_argnums=(0, 1, 2))
+
+
+def sample(den: Denoiser, params, noise: jax.Array, context: jax.Array, *, solver, guidance: float | None = None,
+           negative_context: jax.Array | None = None, progress: bool | str = False,
+           check_finite: bool = True) -> SampleOutput:
+    """Denoise `noise` (B, F, H, W, C) to latents with `solver`, in one compiled scan.
+
+    guidance: classifier-free guidance scale g (None or 1.0 = no guidance); v = v_u + g (v_c - v_u), with
+    `negative_context` (same shape as `context`) for the unconditional branch. progress: show a tqdm bar
+    (a string sets its description). check_finite: reject NaN/Inf in noise and contexts before compiling.
+    Returns `SampleOutput(latents, state)`; `state` holds the denoiser's counters.
+    """
+    if params is None:
+        params = den.params
+    guided = guidance is not None and float(guidance) != 1.0
+    if noise.ndim != 5:
+        raise ValueError(f"noise must be channels-last latents (B, F, H, W, C); got shape {noise.shape}")
+    if guided:
+        if negative_context is None:
+            raise ValueError(f"guidance={guidance} needs negative_context (the unconditional branch's text "
+                             "embedding, shape like context); pass guidance=None to sample without CFG")
+        if negative_context.shape != context.shape:
+            raise ValueError(f"negative_context shape {negative_context.shape} != context shape {context.shape}")
+    negative = negative_context if guided else context
+    if check_finite:
+        assert_finite("noise", noise)
+        assert_finite("context", context)
+        if guided:
+            assert_finite("negative_context", negative_context)
+    bar_id = 0
+    if progress:
+        from tqdm.auto import tqdm
+        with _BAR_LOCK:
+            bar_id = next(_BAR_IDS)
+            _BARS[bar_id] = tqdm(total=solver.num_steps, desc=progress if isinstance(progress, str) else "sampling",
+                                 leave=False)
+    try:
+        out = _sample_jit(den, solver, guided, params, noise, context, negative,
+                          jnp.float32(guidance if guided else 1.0), jnp.int32(bar_id))
+        jax.block_until_ready(out.latents)
+        jax.effects_barrier()
+    finally:
+        bar = _BARS.pop(bar_id, None)
+        if bar is not None:
+            bar.close()
+    return out
