@@ -32,17 +32,24 @@ def resolve_interpret(interpret: bool | None) -> bool:
     return interpret
 
 
-def compiler_params(interpret: bool) -> Any:
-    """Triton compiler parameters for a compiled GPU run; None in interpret mode or off GPU.
+def compiler_params(interpret: bool, head_dim: int) -> Any:
+    """Triton compiler parameters for a compiled (GPU) run; None in interpret mode.
 
-    JAX's default GPU lowering (Mosaic GPU) does not take generic kernels with data-dependent loops over
-    dynamically sliced refs, so the compiled GPU path asks for the Triton lowering explicitly.
+    Compiled means GPU: JAX's default GPU lowering (Mosaic GPU) does not take generic kernels with
+    data-dependent loops over dynamically sliced refs, so the compiled path asks for the (deprecated but
+    still shipped) Triton lowering explicitly. Warps as JAX's FA2 kernel: 4 up to head_dim 64, else 8.
     """
-    if interpret or jax.default_backend() != "gpu":
-        return None
+    return None if interpret else triton_params(head_dim)
+
+
+def triton_params(head_dim: int) -> Any:
     from jax.experimental.pallas import triton as pl_triton  # imported lazily: GPU only
 
-    return pl_triton.CompilerParams(num_warps=4, num_stages=2)
+    return pl_triton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+
+
+def is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
 
 
 def is_concrete(*xs: Any) -> bool:

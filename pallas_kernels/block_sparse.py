@@ -75,7 +75,7 @@ def _block_call(q, k, v, indices, counts, *, block_q, block_k, scale, interpret,
         ],
         out_specs=pl.BlockSpec((None, block_q, None, dp), lambda i, bi, hi: (bi, i, hi, 0)),
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
-        compiler_params=C.compiler_params(interpret),
+        compiler_params=C.compiler_params(interpret, dp),
         interpret=interpret,
         name="block_sparse_attention",
     )(indices, counts, qp, kp, vp)
@@ -165,7 +165,7 @@ def _cluster_call(q, k, v, q_ranges, kv_ranges, *, block_q, block_k, scale, inte
         ],
         out_specs=pl.BlockSpec((None, None, None, block_q, dp), lambda t, bi, hi: (bi, hi, t, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((b, h, n_tiles, block_q, dp), q.dtype),
-        compiler_params=C.compiler_params(interpret),
+        compiler_params=C.compiler_params(interpret, dp),
         interpret=interpret,
         name="cluster_sparse_attention",
     )(q_ranges, n_ranges, kv_ranges, qp, kp, vp)

@@ -118,7 +118,7 @@ def _qkv_call(q, cache: QuantizedKV, q_lengths, *, block_q, block_k, scale, inte
         ],
         out_specs=pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
-        compiler_params=C.compiler_params(interpret),
+        compiler_params=C.compiler_params(interpret, d),
         interpret=interpret,
         name="quantized_kv_attention",
     )(lens, qp, cache.k_codes, cache.k_scale, cache.k_offset, cache.v_codes, cache.v_scale, cache.v_offset, kr, vr)
@@ -195,6 +195,10 @@ def quantized_kv_attention(q: jax.Array, cache: QuantizedKV, *, q_lengths: jax.A
     block_k, q_lengths = check_cache(q, cache, q_lengths, block_k)
     scale = C.check_scale(scale, q.shape[-1])
     interpret = C.resolve_interpret(interpret)
+    part = q.shape[-1] // (2 if cache.bits == 4 else 1)
+    if not interpret and not (C.is_pow2(part) and part >= 16):
+        raise ValueError(f"the compiled (Triton) path needs head_dim{'/2' if cache.bits == 4 else ''} = {part} "
+                         "to be a power of two >= 16 (tile shapes); use interpret mode or pad head_dim")
     return _qkv_call(q, cache, q_lengths, block_q=block_q, block_k=block_k, scale=scale, interpret=interpret)
 
 
