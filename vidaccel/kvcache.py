@@ -196,7 +196,8 @@ def quantize_keys(k: jax.Array, config: KVQuantConfig, capacity: int | None = No
 def quantize_values(v: jax.Array, config: KVQuantConfig, capacity: int | None = None):
     """Per-token value quantization (one scale/offset per token and head).
 
-    v (B, T, H, D) -> codes (B, C, H, Dc) uint8, scale and offset (B, C, H); entries past T are 0 / 1 / 0.
+    v (B, T, H, D) -> codes (B, C, H, Dc) uint8, scale and offset (B, C, H); entries past T are
+    placeholders (those of an all-zero token).
     """
     _check_float("v", v, 4)
     b, t, h, d = v.shape
