@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from tests.pallas_lowering import abstract_h100, lower_for_cuda  # noqa: F401 (fixture)
 from jax.experimental import pallas as pl
 
 import pallas_kernels as pk
@@ -325,27 +327,6 @@ def test_bad_clusters_raise():
 
 
 # -------------------------------------------------------------------- GPU lowering (no GPU needed)
-
-@pytest.fixture
-def abstract_h100(monkeypatch):
-    """Let the Pallas Triton lowering run on this CPU-only machine by telling it the target is an H100
-    (private JAX API: skipped if it moved). This checks that the kernel lowers to Triton IR; compiling that
-    IR to PTX and running it needs a real GPU."""
-    try:
-        from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
-        info = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
-    except (ImportError, AttributeError) as e:
-        pytest.skip(f"private Triton lowering hooks not found: {e}")
-    monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda *a, **k: info)
-
-
-def lower_for_cuda(f, *args) -> str:
-    from jax import export
-
-    exp = export.export(jax.jit(f), platforms=["cuda"],
-                        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
-    return exp.mlir_module()
-
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_kernels_lower_to_triton_for_gpu(abstract_h100):

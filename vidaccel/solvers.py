@@ -25,13 +25,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import operator
 from collections.abc import Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vidaccel.checks import int_arg
 from flax import struct
 
 __all__ = ["Solver", "SolverState", "euler", "unipc", "shift_sigmas", "euler_schedule", "unipc_schedule"]
@@ -41,15 +42,6 @@ NUM_TRAIN_TIMESTEPS = 1000
 
 
 # ---------------------------------------------------------------- argument checks
-
-def _int_arg(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    value = operator.index(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
 
 def _shift_arg(shift: Any) -> float:
     if isinstance(shift, bool) or not isinstance(shift, numbers.Real):
@@ -75,9 +67,9 @@ def euler_schedule(steps: int, shift: float = DEFAULT_SHIFT,
     shifted extremes in float64, then shifts again (so the last sigma is shifted twice), and rounds to
     float32; timesteps = float32 sigma * T; a final sigma 0 is appended.
     """
-    steps = _int_arg("steps", steps, 1)
+    steps = int_arg("steps", steps, 1)
     shift = _shift_arg(shift)
-    T = _int_arg("num_train_timesteps", num_train_timesteps, 1)
+    T = int_arg("num_train_timesteps", num_train_timesteps, 1)
     train = np.linspace(1, T, T, dtype=np.float32)[::-1] / np.float32(T)
     ends = train[[0, -1]]
     ends = np.float32(shift) * ends / (np.float32(1) + np.float32(shift - 1) * ends)
@@ -96,9 +88,9 @@ def unipc_schedule(steps: int, shift: float = DEFAULT_SHIFT,
     by 1e-6 (diffusers: avoids log(0)); timesteps = int64(sigma * T) from the float64 sigmas (truncation);
     sigmas rounded to float32 with a final 0 appended.
     """
-    steps = _int_arg("steps", steps, 1)
+    steps = int_arg("steps", steps, 1)
     shift = _shift_arg(shift)
-    T = _int_arg("num_train_timesteps", num_train_timesteps, 1)
+    T = int_arg("num_train_timesteps", num_train_timesteps, 1)
     sig = shift_sigmas(np.linspace(1, 1 / T, steps + 1)[:-1], shift)
     if abs(sig[0] - 1) < 1e-6:
         sig[0] -= 1e-6
@@ -387,7 +379,7 @@ def unipc(steps: int, shift: float = DEFAULT_SHIFT, *, solver_order: int = 2, so
     (the first step, disabled steps) the scheduler's `last_sample` is that view, so the next corrector
     starts from the new latent instead of the old one. False (default) is the plain scheduler semantics.
     """
-    order = _int_arg("solver_order", solver_order, 1)
+    order = int_arg("solver_order", solver_order, 1)
     if order > 3:
         raise ValueError(f"solver_order must be 1, 2 or 3, got {order}")
     if solver_type != "bh2":
@@ -400,10 +392,10 @@ def unipc(steps: int, shift: float = DEFAULT_SHIFT, *, solver_order: int = 2, so
                          "multistep update to sigma 0 divides by an infinite log-SNR step (diffusers returns -inf)")
     if not isinstance(last_sample_aliasing, bool):
         raise TypeError(f"last_sample_aliasing must be a bool, got {last_sample_aliasing!r}")
-    steps = _int_arg("steps", steps, 1)
+    steps = int_arg("steps", steps, 1)
     disabled = []
     for j in disable_corrector:
-        j = _int_arg("disable_corrector entry", j, 0)
+        j = int_arg("disable_corrector entry", j, 0)
         if j > steps - 2:
             raise ValueError(f"disable_corrector entry {j} is out of range: the corrector after step j runs "
                              f"only for j in [0, {steps - 2}] with steps={steps}")

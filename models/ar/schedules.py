@@ -22,22 +22,13 @@ masks by the first row, then fails or returns a 1-D mask).
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 from typing import Any
 
 import numpy as np
 
+from vidaccel.checks import int_arg
+
 __all__ = ["generate_timestep_matrix"]
-
-
-def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    value = operator.index(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def generate_timestep_matrix(
@@ -61,11 +52,11 @@ def generate_timestep_matrix(
     Returns step_matrix (R, F) int64 timesteps, step_index (R, F) int64, update_mask (R, F) bool, and
     valid_interval, a list of R (start, end) frame ranges.
     """
-    F = _int("num_latent_frames", num_latent_frames, 1)
-    base = _int("base_num_latent_frames", base_num_latent_frames, 1)
-    ar_step = _int("ar_step", ar_step, 0)
-    num_pre_ready = _int("num_pre_ready", num_pre_ready, 0)
-    cbs = _int("causal_block_size", causal_block_size, 1)
+    F = int_arg("num_latent_frames", num_latent_frames, 1)
+    base = int_arg("base_num_latent_frames", base_num_latent_frames, 1)
+    ar_step = int_arg("ar_step", ar_step, 0)
+    num_pre_ready = int_arg("num_pre_ready", num_pre_ready, 0)
+    cbs = int_arg("causal_block_size", causal_block_size, 1)
     if not isinstance(shrink_interval_with_mask, bool):
         raise TypeError(f"shrink_interval_with_mask must be a bool, got {shrink_interval_with_mask!r}")
     if shrink_interval_with_mask:
