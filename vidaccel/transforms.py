@@ -51,7 +51,7 @@ class Work:
 class Denoiser:
     """A pure denoiser: `init(spec) -> state`, `apply(params, state, x, t, context) -> (velocity, state)`.
 
-    `model` is the underlying transformer graph (for methods that need its stages), `params` the default
+    `graphdef` is the underlying transformer graph (for methods that need its stages), `params` the default
     parameters to sample with. Hashable by identity, so it can be a static argument of `jax.jit`.
     """
 
@@ -60,10 +60,6 @@ class Denoiser:
     graphdef: Any = None
     params: Any = None
     name: str = "denoiser"
-
-    def model(self, params) -> WanTransformer:
-        """The transformer bound to `params` (inside jit: a cheap re-wrap, no copy)."""
-        return nnx.merge(self.graphdef, params)
 
 
 @struct.dataclass
