@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.ar.kv_cache import append_frames, cached_attention, check_capacity, init_kv_cache
+from models.ar.kv_cache import cached_attention, init_kv_cache, store
 from models.wan import init_transformer, wan_tiny
 
 CHUNK = 2  # latent frames per chunk = num_frame_per_block
@@ -31,13 +31,15 @@ def test_cached_chunks_equal_full_block_causal_forward():
     tokens_per_chunk = CHUNK * 2 * 2
     cache = init_kv_cache(cfg.num_layers, 2, 2 * tokens_per_chunk, cfg.num_attention_heads, cfg.attention_head_dim)
     for c in range(2):
-        check_capacity(cache, tokens_per_chunk)
+        # chunk 1 goes to the first slots, chunk 0 after it: slot order must not matter
+        at = (1 - c) * tokens_per_chunk
         emb = model.embed(x[:, c * CHUNK:(c + 1) * CHUNK], 0.0, ctx, frame_offset=c * CHUNK)
-        _, (kk, vv) = model.blocks(emb, attention=cached_attention(cache, write=True), layer_state=(cache.k, cache.v))
-        cache = append_frames(cache, kk, vv, emb.positions[..., 0])
-    assert int(cache.length) == 2 * tokens_per_chunk
+        _, (kk, vv) = model.blocks(emb, attention=cached_attention(cache, write_at=at),
+                                   layer_state=(cache.k, cache.v))
+        cache = store(cache, kk, vv, emb.positions[..., 0], at)
+    assert bool(cache.valid.all())
     emb = model.embed(x[:, 2 * CHUNK:], 700.0, ctx, frame_offset=2 * CHUNK)
-    tokens, _ = model.blocks(emb, attention=cached_attention(cache, write=False), layer_state=(cache.k, cache.v))
+    tokens, _ = model.blocks(emb, attention=cached_attention(cache), layer_state=(cache.k, cache.v))
     last = model.head(tokens, emb)
     ref = full[:, 2 * CHUNK:]
     err = float(jnp.linalg.norm(last - ref) / jnp.linalg.norm(ref))
@@ -54,8 +56,8 @@ def test_empty_slots_are_masked():
     noisy = cache.replace(k=jax.random.normal(jax.random.key(2), cache.k.shape) * 50,
                           v=jax.random.normal(jax.random.key(3), cache.v.shape) * 50)
     emb = model.embed(x, 300.0, ctx)
-    a, _ = model.blocks(emb, attention=cached_attention(cache, write=False), layer_state=(cache.k, cache.v))
-    b, _ = model.blocks(emb, attention=cached_attention(noisy, write=False), layer_state=(noisy.k, noisy.v))
+    a, _ = model.blocks(emb, attention=cached_attention(cache), layer_state=(cache.k, cache.v))
+    b, _ = model.blocks(emb, attention=cached_attention(noisy), layer_state=(noisy.k, noisy.v))
     plain, _ = model.blocks(emb)
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(a, plain, rtol=1e-5, atol=1e-6)
@@ -63,8 +65,9 @@ def test_empty_slots_are_masked():
 
 def test_cache_errors():
     cache = init_kv_cache(1, 1, 8, 2, 4)
-    with pytest.raises(ValueError, match="do not fit"):
-        check_capacity(cache, 9)
+    kv = jnp.zeros((1, 1, 8, 2, 4))
+    with pytest.raises(ValueError, match="overflows its 8 slots"):
+        store(cache, kv, kv, jnp.zeros((1, 4), jnp.int32), 5)
     with pytest.raises(ValueError, match="capacity=0"):
         init_kv_cache(1, 1, 0, 2, 4)
-    assert cache.nbytes() == 2 * 8 * 2 * 4 * 4 + 8 * 4 + 4
+    assert cache.nbytes() == 2 * 8 * 2 * 4 * 4 + 8 * 4 + 8

@@ -8,6 +8,7 @@ is driven from inside the scan by `jax.debug.callback`, without leaving the comp
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from typing import Any
@@ -41,28 +42,46 @@ def _tick(bar_id, i):
         bar.update(1)
 
 
-def _sample_impl(den: Denoiser, solver, guided: bool, params, noise, context, negative, guidance, bar_id):
-    spec = DenoiseSpec(jax.ShapeDtypeStruct(noise.shape, noise.dtype),
-                       jax.ShapeDtypeStruct(context.shape, context.dtype), solver.num_steps)
-    den_state = {"cond": den.init(spec), "uncond": den.init(spec)} if guided else den.init(spec)
+def init_branches(den: Denoiser, spec: DenoiseSpec, guided: bool):
+    """Fresh denoiser state: one, or a dict with one per CFG branch."""
+    return {"cond": den.init(spec), "uncond": den.init(spec)} if guided else den.init(spec)
+
+
+def guided_velocity(den: Denoiser, guided: bool, params, dstate, x, t, context, negative, guidance):
+    """The (guided) velocity at (x, t) and the updated per-branch denoiser state."""
+    if not guided:
+        return den.apply(params, dstate, x, t, context)
+    vc, sc = den.apply(params, dstate["cond"], x, t, context)
+    vu, su = den.apply(params, dstate["uncond"], x, t, negative)
+    return vu + guidance * (vc - vu), {"cond": sc, "uncond": su}
+
+
+def denoise_loop(den: Denoiser, solver, guided: bool, params, noise, context, negative, guidance, den_state,
+                 bar_id):
+    """Traceable core of `sample()`: run every solver step from `noise`, threading `den_state`.
+
+    Shared by `sample()` and the AR chunk rollout (which calls it once per chunk with a carried state).
+    """
     timesteps = jnp.asarray(solver.timesteps, jnp.float32)
 
     def step(carry, i):
         x, sstate, dstate = carry
         t = jnp.broadcast_to(timesteps[i], (x.shape[0],))
-        if guided:
-            vc, sc = den.apply(params, dstate["cond"], x, t, context)
-            vu, su = den.apply(params, dstate["uncond"], x, t, negative)
-            v = vu + guidance * (vc - vu)
-            dstate = {"cond": sc, "uncond": su}
-        else:
-            v, dstate = den.apply(params, dstate, x, t, context)
+        v, dstate = guided_velocity(den, guided, params, dstate, x, t, context, negative, guidance)
         x, sstate = solver.step(sstate, i, x, v)
         jax.debug.callback(_tick, bar_id, i)
         return (x, sstate, dstate), None
 
     steps = jnp.arange(solver.num_steps, dtype=jnp.int32)
     (x, _, den_state), _ = jax.lax.scan(step, (noise, solver.init(noise), den_state), steps)
+    return x, den_state
+
+
+def _sample_impl(den: Denoiser, solver, guided: bool, params, noise, context, negative, guidance, bar_id):
+    spec = DenoiseSpec(jax.ShapeDtypeStruct(noise.shape, noise.dtype),
+                       jax.ShapeDtypeStruct(context.shape, context.dtype), solver.num_steps)
+    x, den_state = denoise_loop(den, solver, guided, params, noise, context, negative, guidance,
+                                init_branches(den, spec, guided), bar_id)
     return SampleOutput(x, den_state)
 
 
@@ -81,35 +100,47 @@ def sample(den: Denoiser, params, noise: jax.Array, context: jax.Array, *, solve
     """
     if params is None:
         params = den.params
-    guided = guidance is not None and float(guidance) != 1.0
     if noise.ndim != 5:
         raise ValueError(f"noise must be channels-last latents (B, F, H, W, C); got shape {noise.shape}")
+    guided, negative = check_guidance(guidance, context, negative_context, noise, check_finite)
+    with progress_bar(progress, solver.num_steps, "sampling") as bar_id:
+        out = _sample_jit(den, solver, guided, params, noise, context, negative,
+                          jnp.float32(guidance if guided else 1.0), jnp.int32(bar_id))
+        jax.block_until_ready(out.latents)
+        jax.effects_barrier()
+    return out
+
+
+def check_guidance(guidance, context, negative_context, noise, check_finite: bool):
+    """Validate CFG arguments (and finiteness); return (guided, the unconditional branch's context)."""
+    guided = guidance is not None and float(guidance) != 1.0
     if guided:
         if negative_context is None:
             raise ValueError(f"guidance={guidance} needs negative_context (the unconditional branch's text "
                              "embedding, shape like context); pass guidance=None to sample without CFG")
         if negative_context.shape != context.shape:
             raise ValueError(f"negative_context shape {negative_context.shape} != context shape {context.shape}")
-    negative = negative_context if guided else context
     if check_finite:
         assert_finite("noise", noise)
         assert_finite("context", context)
         if guided:
             assert_finite("negative_context", negative_context)
+    return guided, negative_context if guided else context
+
+
+@contextlib.contextmanager
+def progress_bar(progress: bool | str, total: int, default_desc: str):
+    """A tqdm bar ticked from compiled code through `_tick`; yields its id (0 = no bar)."""
     bar_id = 0
     if progress:
         from tqdm.auto import tqdm
         with _BAR_LOCK:
             bar_id = next(_BAR_IDS)
-            _BARS[bar_id] = tqdm(total=solver.num_steps, desc=progress if isinstance(progress, str) else "sampling",
+            _BARS[bar_id] = tqdm(total=total, desc=progress if isinstance(progress, str) else default_desc,
                                  leave=False)
     try:
-        out = _sample_jit(den, solver, guided, params, noise, context, negative,
-                          jnp.float32(guidance if guided else 1.0), jnp.int32(bar_id))
-        jax.block_until_ready(out.latents)
-        jax.effects_barrier()
+        yield bar_id
     finally:
         bar = _BARS.pop(bar_id, None)
         if bar is not None:
             bar.close()
-    return out

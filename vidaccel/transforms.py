@@ -23,11 +23,15 @@ from models.wan.transformer import WanTransformer
 
 @dataclasses.dataclass(frozen=True)
 class DenoiseSpec:
-    """What `init` may size its state by: one CFG branch's latents and context, and the step count."""
+    """What `init` may size its state by: one CFG branch's latents and context, and the step count.
+
+    For AR rollouts `latents` is one chunk and `num_chunks` the number of chunks in the video.
+    """
 
     latents: jax.ShapeDtypeStruct
     context: jax.ShapeDtypeStruct
     num_steps: int
+    num_chunks: int = 1
 
 
 @struct.dataclass
@@ -60,6 +64,9 @@ class Denoiser:
     graphdef: Any = None
     params: Any = None
     name: str = "denoiser"
+    # AR chunk denoisers only: `commit(params, state, x0, context) -> state` finishes a chunk whose clean
+    # latents are x0 (stores its K/V) and moves on to the next; methods wrapping a Denoiser pass it through.
+    commit: Callable[..., Any] | None = None
 
 
 @struct.dataclass

@@ -1,0 +1,217 @@
+"""Chunk-by-chunk autoregressive rollout with a KV cache, compiled once as a scan over chunks.
+
+    out = rollout(model, noise, context, solver=unipc(50), guidance=5.0, negative_context=neg,
+                  config=RolloutConfig(window_chunks=3, sink_chunks=1))
+
+Each chunk (`num_frame_per_block` latent frames) is denoised with every solver step while attending to the
+cached keys/values of earlier chunks; then its keys/values enter the cache:
+
+- ``kv_mode="clean"`` (default, as CausVid / Self-Forcing do): one extra forward of the finished, clean
+  chunk at t = 0 writes its K/V (the situation the diffusion-forcing model was trained on);
+- ``kv_mode="last_step"``: the K/V computed during the chunk's last denoising step are kept, saving the
+  extra forward at the price of K/V taken from a slightly noisy input.
+
+The cache holds `sink_chunks` first chunks for good plus a rolling window of the last `window_chunks`
+chunks, placed in a ring of slots (a new chunk overwrites the oldest non-sink one); `window_chunks=None`
+keeps every chunk. RoPE is applied before caching, so attention sees true relative frame distances.
+
+The per-chunk model is a `Denoiser` (`chunk_denoiser`) whose state holds the cache, so methods that wrap a
+Denoiser apply to AR rollouts as they do to text-to-video sampling, and CFG branches keep separate caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from models.ar.kv_cache import KVCache, cached_attention, init_kv_cache, store
+from models.wan.transformer import WanTransformer
+from vidaccel.checks import int_arg
+from vidaccel.sampling import check_guidance, denoise_loop, init_branches, progress_bar
+from vidaccel.transforms import DenoiseSpec, Denoiser, Work
+
+KV_MODES = ("clean", "last_step")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """How the AR rollout keeps context: window and sink sizes in chunks, and where cached K/V come from."""
+
+    window_chunks: int | None = None
+    sink_chunks: int = 0
+    kv_mode: str = "clean"
+    kv_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.window_chunks is not None:
+            int_arg("RolloutConfig.window_chunks", self.window_chunks, 1)
+        int_arg("RolloutConfig.sink_chunks", self.sink_chunks, 0)
+        if self.kv_mode not in KV_MODES:
+            raise ValueError(f"RolloutConfig.kv_mode={self.kv_mode!r} is invalid; allowed: {KV_MODES}")
+        if self.kv_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"RolloutConfig.kv_dtype={self.kv_dtype!r} is invalid; allowed: float32, bfloat16")
+        if self.window_chunks is None and self.sink_chunks:
+            raise ValueError("RolloutConfig.sink_chunks needs a window_chunks (without a window every chunk is kept)")
+
+    def capacity_chunks(self, num_chunks: int) -> int:
+        if self.window_chunks is None:
+            return num_chunks
+        return min(num_chunks, self.sink_chunks + self.window_chunks)
+
+    def slot_chunk(self, chunk: jax.Array, capacity_chunks: int) -> jax.Array:
+        """Ring position (in chunks) where chunk `chunk` is stored, in a cache of `capacity_chunks` chunks."""
+        if self.window_chunks is None or capacity_chunks < self.sink_chunks + self.window_chunks:
+            return chunk        # the cache holds every chunk of this video
+        s = self.sink_chunks
+        return jnp.where(chunk < s, chunk, s + (chunk - s) % self.window_chunks)
+
+
+@struct.dataclass
+class ChunkState:
+    """A chunk denoiser's state: the KV cache, the chunk index being denoised, the solver step, counters."""
+
+    cache: KVCache
+    chunk: jax.Array      # () int32
+    step: jax.Array       # () int32 model calls so far on this chunk
+    work: Work
+    num_steps: int = struct.field(pytree_node=False, default=0)
+
+
+def chunk_denoiser(model: WanTransformer, config: RolloutConfig = RolloutConfig()) -> Denoiser:
+    """The Denoiser for one chunk of an AR rollout: reads (and in `last_step` mode writes) the KV cache.
+
+    `den.commit(params, state, x0, context)` finishes a chunk: in `clean` mode it runs the clean chunk at
+    t = 0 and stores its K/V; in both modes it moves on to the next chunk.
+    """
+    cfg = model.cfg
+    if not cfg.block_causal:
+        raise ValueError("chunk_denoiser needs a block-causal model (num_frame_per_block > 1); this one has "
+                         f"num_frame_per_block={cfg.num_frame_per_block}")
+    graphdef, params = nnx.split(model)
+    fpb = cfg.num_frame_per_block
+    dtype = jnp.dtype(config.kv_dtype)
+
+    def tokens_per_chunk(x) -> int:
+        pt, ph, pw = cfg.patch_size
+        return (x.shape[1] // pt) * (x.shape[2] // ph) * (x.shape[3] // pw)
+
+    def init(spec: DenoiseSpec) -> ChunkState:
+        b, f = spec.latents.shape[:2]
+        if f != fpb * cfg.patch_size[0]:
+            raise ValueError(f"a chunk has {fpb * cfg.patch_size[0]} latent frames (num_frame_per_block={fpb}); "
+                             f"got latents of {f} frames")
+        n = tokens_per_chunk(spec.latents)
+        cache = init_kv_cache(cfg.num_layers, b, n * config.capacity_chunks(spec.num_chunks),
+                              cfg.num_attention_heads, cfg.attention_head_dim, dtype)
+        z = jnp.zeros((), jnp.int32)
+        return ChunkState(cache, z, z, Work.zero(), spec.num_steps)
+
+    def forward(params, state: ChunkState, x, t, context, write: bool):
+        m = nnx.merge(graphdef, params)
+        emb = m.embed(x, t, context, frame_offset=state.chunk * fpb)
+        n = emb.tokens.shape[1]
+        at = config.slot_chunk(state.chunk, state.cache.capacity // n) * n
+        tokens, (k, v) = m.blocks(emb, attention=cached_attention(state.cache, write_at=at if write else None),
+                                  layer_state=(state.cache.k, state.cache.v))
+        written = store(state.cache, k, v, emb.positions[..., 0], at) if write else state.cache
+        work = state.work.add(calls=1, block_passes=1, token_layers=n * cfg.num_layers)
+        return m.head(tokens, emb), written, work
+
+    def apply(params, state: ChunkState, x, t, context):
+        if config.kv_mode == "last_step":
+            out, written, work = forward(params, state, x, t, context, write=True)
+            last = state.step == state.num_steps - 1
+            cache = jax.tree.map(lambda a, b: jnp.where(last, a, b), written, state.cache)
+        else:
+            out, cache, work = forward(params, state, x, t, context, write=False)
+        return out, ChunkState(cache, state.chunk, state.step + 1, work, state.num_steps)
+
+    def commit(params, state: ChunkState, x0, context) -> ChunkState:
+        cache, work = state.cache, state.work
+        if config.kv_mode == "clean":
+            t0 = jnp.zeros((x0.shape[0],), jnp.float32)
+            _, cache, work = forward(params, state, x0, t0, context, write=True)
+        return ChunkState(cache, state.chunk + 1, jnp.zeros((), jnp.int32), work, state.num_steps)
+
+    return Denoiser(init=init, apply=apply, graphdef=graphdef, params=params, name=f"ar_{config.kv_mode}",
+                    commit=commit)
+
+
+@struct.dataclass
+class RolloutOutput:
+    latents: jax.Array      # (B, F, H, W, C)
+    state: object           # the chunk denoiser state(s) after the last chunk (cache, counters)
+
+
+def _rollout_impl(den, solver, guided, num_chunks, params, noise, context, negative, guidance, bar_id):
+    b, f = noise.shape[:2]
+    fpb = f // num_chunks
+    chunks = noise.reshape(b, num_chunks, fpb, *noise.shape[2:]).swapaxes(0, 1)
+    spec = DenoiseSpec(jax.ShapeDtypeStruct(chunks.shape[1:], noise.dtype),
+                       jax.ShapeDtypeStruct(context.shape, context.dtype), solver.num_steps, num_chunks)
+    state0 = init_branches(den, spec, guided)
+
+    def per_chunk(dstate, x_noise):
+        x0, dstate = denoise_loop(den, solver, guided, params, x_noise, context, negative, guidance, dstate, bar_id)
+        if guided:
+            dstate = {"cond": den.commit(params, dstate["cond"], x0, context),
+                      "uncond": den.commit(params, dstate["uncond"], x0, negative)}
+        else:
+            dstate = den.commit(params, dstate, x0, context)
+        return dstate, x0
+
+    state, out = jax.lax.scan(per_chunk, state0, chunks)
+    latents = out.swapaxes(0, 1).reshape(noise.shape)
+    return RolloutOutput(latents, state)
+
+
+_rollout_jit = jax.jit(_rollout_impl, static_argnums=(0, 1, 2, 3))
+
+
+def rollout(model_or_den, noise: jax.Array, context: jax.Array, *, solver, guidance: float | None = None,
+            negative_context: jax.Array | None = None, config: RolloutConfig = RolloutConfig(),
+            progress: bool | str = False, check_finite: bool = True, params=None) -> RolloutOutput:
+    """Generate `noise.shape[1]` latent frames chunk by chunk (one compiled scan over chunks).
+
+    model_or_den: a block-causal `WanTransformer`, or a `chunk_denoiser` (possibly wrapped by a method).
+    noise: (B, F, H, W, C) with F a multiple of the chunk length. Other arguments as in `sample()`.
+    """
+    if noise.ndim != 5:
+        raise ValueError(f"noise must be channels-last latents (B, F, H, W, C); got shape {noise.shape}")
+    if isinstance(model_or_den, WanTransformer):
+        den = chunk_denoiser(model_or_den, config)
+    else:
+        den = model_or_den
+        if getattr(den, "commit", None) is None:
+            raise TypeError("rollout needs a block-causal WanTransformer or a chunk_denoiser (a Denoiser with "
+                            "`commit`)")
+    num_chunks = _num_chunks(den, noise)
+    guided, negative = check_guidance(guidance, context, negative_context, noise, check_finite)
+    if params is None:
+        params = den.params
+    with progress_bar(progress, num_chunks * solver.num_steps, "rollout") as bar_id:
+        out = _rollout_jit(den, solver, guided, num_chunks, params, noise, context, negative,
+                           jnp.float32(guidance if guided else 1.0), jnp.int32(bar_id))
+        jax.block_until_ready(out.latents)
+        jax.effects_barrier()
+    return out
+
+
+def _num_chunks(den: Denoiser, noise) -> int:
+    cfg = nnx.merge(den.graphdef, den.params).cfg
+    fpb = cfg.num_frame_per_block * cfg.patch_size[0]
+    if noise.shape[1] % fpb:
+        raise ValueError(f"noise has {noise.shape[1]} latent frames; it must be a multiple of the chunk length "
+                         f"{fpb} (num_frame_per_block x temporal patch)")
+    return noise.shape[1] // fpb
+
+
+def kv_cache_bytes(state) -> int:
+    """Bytes held by the rollout's KV cache(s) (both CFG branches when guided)."""
+    states = state.values() if isinstance(state, dict) else [state]
+    return int(sum(s.cache.nbytes() for s in states))
+
+

@@ -1,0 +1,86 @@
+"""The trained shapes models, loaded by name, and text-to-video generation with them.
+
+    model = load_shapes_model("t2v")            # or "ar" (block-causal diffusion-forcing chunk model)
+    out = generate_t2v(model, prompts, seed=0)   # UniPC 50 steps, CFG 5: latents, uint8 videos, seconds
+
+The checkpoints under `models/shapes/checkpoints/<name>/` are written by `python -m models.shapes.train`
+(EMA weights in the `save_converted` layout, plus `training.json` recording how they were trained).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.shapes.latents import LATENT_CHANNELS, LATENT_FRAMES, LATENT_SIZE, decode_latents, encode_prompts
+from models.wan.loader import restore_converted
+from models.wan.transformer import WanTransformer
+
+CHECKPOINT_ROOT = Path(__file__).parent / "checkpoints"
+SHAPES_MODELS = ("t2v", "ar")
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 5.0
+
+
+def checkpoint_dir(name: str) -> Path:
+    if name not in SHAPES_MODELS:
+        raise ValueError(f"unknown shapes model {name!r}; known: {SHAPES_MODELS}")
+    return CHECKPOINT_ROOT / name
+
+
+def load_shapes_model(name: str, dtype: str | None = None) -> WanTransformer:
+    """The trained shapes model `name` ("t2v" or "ar") as a `WanTransformer` (EMA weights, float32 by default)."""
+    path = checkpoint_dir(name)
+    if not (path / "wan_config.json").exists():
+        raise FileNotFoundError(f"no trained shapes model {name!r} at {path}; train it with "
+                                f"`python -m models.shapes.train {name}`")
+    return restore_converted(path, dtype)
+
+
+def training_info(name: str) -> dict:
+    """What `training.json` records for model `name`: steps, train seconds, machine, hyperparameters."""
+    path = checkpoint_dir(name) / "training.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; it is written by `python -m models.shapes.train {name}`")
+    return json.loads(path.read_text())
+
+
+def latent_noise(batch: int, seed: int, frames: int = LATENT_FRAMES) -> jax.Array:
+    """Initial noise (B, frames, 16, 16, 24) for `seed`: prompt i of a batch gets the same noise at any batch size."""
+    keys = jax.random.split(jax.random.key(seed), batch)
+    shape = (frames, LATENT_SIZE, LATENT_SIZE, LATENT_CHANNELS)
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+
+
+@dataclass
+class Generation:
+    latents: np.ndarray      # (B, F, 16, 16, 24)
+    videos: np.ndarray       # (B, 2F, 32, 32, 3) uint8
+    seconds: float           # wall time of sampling (compile included on a first call)
+    state: object            # the denoiser's final state (work counters, method state)
+
+
+def generate_t2v(model_or_denoiser, prompts: list[str], *, seed: int = 0, steps: int = DEFAULT_STEPS,
+                 guidance: float | None = DEFAULT_GUIDANCE, solver=None, progress: bool | str = False,
+                 params=None) -> Generation:
+    """Sample videos for `prompts` with a text-to-video model or any `Denoiser` (UniPC `steps`, CFG `guidance`)."""
+    from vidaccel.sampling import sample
+    from vidaccel.solvers import unipc
+    from vidaccel.transforms import Denoiser, wan_denoiser
+
+    den = model_or_denoiser if isinstance(model_or_denoiser, Denoiser) else wan_denoiser(model_or_denoiser)
+    ctx = jnp.asarray(encode_prompts(list(prompts)))
+    guided = guidance is not None and float(guidance) != 1.0
+    t0 = time.perf_counter()
+    out = sample(den, params, latent_noise(len(prompts), seed), ctx, solver=solver or unipc(steps),
+                 guidance=guidance if guided else None, negative_context=jnp.zeros_like(ctx) if guided else None,
+                 progress=progress)
+    seconds = time.perf_counter() - t0
+    latents = np.asarray(out.latents)
+    return Generation(latents, decode_latents(latents, uint8=True), seconds, out.state)

@@ -1,0 +1,222 @@
+"""Train the shapes world's two tiny Wan models with flow matching (optax AdamW + EMA), resumably.
+
+    python -m models.shapes.train t2v --steps 4000          # bidirectional text-to-video
+    python -m models.shapes.train ar  --steps 4000          # AR chunk model, diffusion forcing
+
+Both use the real Wan code (`models.wan.WanTransformer`) at a tiny size (`shapes_config`). Batches are
+rendered on the fly from train-split prompts; batch `s` is a pure function of `(seed, s)`, so a run
+resumed from its last checkpoint sees exactly the batches an uninterrupted run would. The run folder
+(default `runs/shapes/<name>`, not committed) holds the Orbax training state and `log.jsonl`; `--export`
+(default `models/shapes/checkpoints/<name>`) receives the EMA weights as a `save_converted` folder plus
+`training.json` (steps, wall time, machine), which is what `load_shapes_model(name)` reads.
+
+Flow matching as in Wan: x_s = (1 - s) x0 + s eps, target velocity eps - x0, model time t = 1000 s. The
+noise level s is drawn as u ~ U(0, 1) mapped through the sampling shift (s = 3u / (1 + 2u)), so training
+sees noise levels in proportion to how the shift-3 samplers visit them. Text is dropped (all-zero context,
+the empty prompt's embedding) with probability 0.1 so classifier-free guidance works.
+
+Diffusion forcing (`ar`): every chunk of `num_frame_per_block` latent frames gets its own noise level
+(per-frame `t`), attention is block-causal; with probability 0.5 a random number of leading chunks is
+clean (t = 0, no loss), the situation of chunk-by-chunk rollout with a KV cache of finished chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import queue
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from models.shapes.latents import LATENT_CHANNELS, LATENT_FRAMES, TEXT_DIM, encode_prompts, encode_video
+from models.shapes.prompts import sample_prompts
+from models.shapes.render import render_batch
+from models.wan.config import WanConfig
+from models.wan.loader import save_converted
+from models.wan.transformer import init_transformer
+
+MODEL_NAMES = ("t2v", "ar")
+CHECKPOINT_ROOT = Path(__file__).parent / "checkpoints"
+TRAIN_SHIFT = 3.0
+CFG_DROPOUT = 0.1
+CLEAN_PREFIX_PROB = 0.5
+
+
+def shapes_config(name: str) -> WanConfig:
+    """The tiny Wan of each shapes model: dim 128 (4 heads x 32), 4 layers, ffn 512, 24 latent channels."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown shapes model {name!r}; known: {MODEL_NAMES}")
+    return WanConfig(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32,
+                     in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, text_dim=TEXT_DIM, freq_dim=64,
+                     ffn_dim=512, num_layers=4, num_frame_per_block=2 if name == "ar" else 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    name: str
+    steps: int = 4000
+    batch: int = 16
+    lr: float = 6e-4
+    warmup: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999      # reached after a warm-up: decay_n = min(0.999, (1 + n) / (10 + n))
+    seed: int = 0
+    save_every: int = 250
+    latent_frames: int = LATENT_FRAMES
+
+
+def make_batch(tc: TrainConfig, step: int) -> dict[str, np.ndarray]:
+    """Batch `step` of a run: clean latents, text context (some dropped), noise, noise levels; pure in (seed, step)."""
+    rng = np.random.default_rng([tc.seed, step])
+    prompts = sample_prompts(tc.batch, int(rng.integers(2**31)), "train", unique=False)
+    video = render_batch(prompts, num_frames=2 * tc.latent_frames, seeds=rng.integers(2**31, size=tc.batch))
+    x0 = encode_video(video)
+    ctx = encode_prompts(prompts)
+    ctx[rng.random(tc.batch) < CFG_DROPOUT] = 0.0
+    noise = rng.standard_normal(x0.shape, dtype=np.float32)
+    fpb = shapes_config(tc.name).num_frame_per_block
+    chunks = tc.latent_frames // fpb
+    u = rng.random((tc.batch, chunks if tc.name == "ar" else 1))
+    sigma = (TRAIN_SHIFT * u / (1 + (TRAIN_SHIFT - 1) * u)).astype(np.float32)
+    if tc.name == "ar":
+        clean = rng.integers(1, chunks, size=tc.batch) * (rng.random(tc.batch) < CLEAN_PREFIX_PROB)
+        sigma[np.arange(chunks)[None, :] < clean[:, None]] = 0.0
+        sigma = np.repeat(sigma, fpb, axis=1)                         # per latent frame (B, F)
+    return {"x0": x0, "context": ctx, "noise": noise, "sigma": sigma}
+
+
+def _batches(tc: TrainConfig, start: int, stop: int):
+    """Yield batches start..stop-1, rendered by a background thread a few steps ahead."""
+    q: queue.Queue = queue.Queue(maxsize=4)
+
+    def work():
+        for s in range(start, stop):
+            q.put(make_batch(tc, s))
+
+    threading.Thread(target=work, daemon=True).start()
+    for _ in range(start, stop):
+        yield q.get()
+
+
+def _optimizer(tc: TrainConfig):
+    sched = optax.join_schedules([optax.linear_schedule(0.0, tc.lr, tc.warmup), optax.constant_schedule(tc.lr)],
+                                 [tc.warmup])
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                       optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=tc.weight_decay))
+
+
+def make_train_step(graphdef, tc: TrainConfig):
+    opt = _optimizer(tc)
+
+    def loss_fn(params, batch):
+        model = nnx.merge(graphdef, params)
+        x0, noise, sigma = batch["x0"], batch["noise"], batch["sigma"]
+        s = sigma[:, :, None, None, None] if sigma.shape[1] > 1 else sigma[:, :1, None, None, None]
+        xt = (1 - s) * x0 + s * noise
+        t = sigma * 1000.0 if sigma.shape[1] > 1 else sigma[:, 0] * 1000.0
+        v = model(xt, t, batch["context"])
+        err = jnp.mean((v - (noise - x0)) ** 2, axis=(2, 3, 4))         # (B, F)
+        weight = (jnp.broadcast_to(s[:, :, 0, 0, 0], err.shape) > 0).astype(err.dtype)
+        return jnp.sum(err * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+    @jax.jit
+    def step(state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
+        updates, opt_state = opt.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        n = state["step"].astype(jnp.float32)
+        decay = jnp.minimum(tc.ema_decay, (1 + n) / (10 + n))         # warm-up so early weights fade fast
+        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
+        return {"params": params, "ema": ema, "opt": opt_state, "step": state["step"] + 1}, loss
+
+    return opt, step
+
+
+def train(tc: TrainConfig, run_dir: Path, export_dir: Path, log_every: int = 25) -> dict:
+    import orbax.checkpoint as ocp
+
+    cfg = shapes_config(tc.name)
+    model = init_transformer(cfg, seed=tc.seed)
+    graphdef, params = nnx.split(model, nnx.Param)
+    opt, step_fn = make_train_step(graphdef, tc)
+    state = {"params": params, "ema": params, "opt": opt.init(params), "step": jnp.zeros((), jnp.int32)}
+    run_dir = run_dir.absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2))
+    mngr = ocp.CheckpointManager(run_dir / "state", options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    meta_path = run_dir / "wall.json"
+    wall_before = 0.0
+    if mngr.latest_step() is not None:
+        state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(jax.eval_shape(lambda: state)))
+        wall_before = json.loads(meta_path.read_text())["train_seconds"] if meta_path.exists() else 0.0
+        print(f"resumed {tc.name} at step {int(state['step'])}", flush=True)
+    start = int(state["step"])
+    t0, losses = time.time(), []
+    with (run_dir / "log.jsonl").open("a") as log:
+        for s, batch in zip(range(start, tc.steps), _batches(tc, start, tc.steps)):
+            state, loss = step_fn(state, batch)
+            losses.append(loss)
+            done = s + 1
+            if done % log_every == 0 or done == tc.steps:
+                mean = float(np.mean(jax.device_get(losses)))
+                losses = []
+                wall = wall_before + time.time() - t0
+                rec = {"step": done, "loss": mean, "train_seconds": round(wall, 1)}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                print(f"{tc.name} step {done}/{tc.steps} loss {mean:.4f} {wall / 60:.1f} min", flush=True)
+            if done % tc.save_every == 0 or done == tc.steps:
+                mngr.save(done, args=ocp.args.StandardSave(state))
+                mngr.wait_until_finished()
+                wall = wall_before + time.time() - t0
+                meta_path.write_text(json.dumps({"train_seconds": wall}))
+                export(tc, cfg, graphdef, state, export_dir, wall)
+    mngr.close()
+    return {"steps": int(state["step"])}
+
+
+def export(tc: TrainConfig, cfg: WanConfig, graphdef, state, export_dir: Path, wall: float) -> None:
+    """Write the EMA weights (`save_converted` layout) and how they were trained to `export_dir`."""
+    model = nnx.merge(graphdef, state["ema"])
+    save_converted(model, export_dir)
+    info = {"name": tc.name, "steps": int(state["step"]), "train_seconds": round(wall, 1),
+            "seconds_per_step": round(wall / max(int(state["step"]), 1), 3), "machine": _machine(),
+            "train_config": dataclasses.asdict(tc)}
+    (Path(export_dir) / "training.json").write_text(json.dumps(info, indent=2))
+
+
+def _machine() -> str:
+    devs = jax.devices()
+    return f"{platform.machine()} {devs[0].platform} x{len(devs)}, {len(__import__('os').sched_getaffinity(0))} cores, jax {jax.__version__}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m models.shapes.train", description=__doc__.split("\n")[0])
+    p.add_argument("name", choices=MODEL_NAMES)
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--batch", type=int, default=TrainConfig.batch)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--save-every", type=int, default=TrainConfig.save_every)
+    p.add_argument("--run-dir", type=Path, default=None, help="default runs/shapes/<name>")
+    p.add_argument("--export", type=Path, default=None, help="default models/shapes/checkpoints/<name>")
+    a = p.parse_args(argv)
+    for flag, v in (("--steps", a.steps), ("--batch", a.batch), ("--save-every", a.save_every)):
+        if v < 1:
+            p.error(f"{flag}={v} must be >= 1")
+    tc = TrainConfig(a.name, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, save_every=a.save_every)
+    train(tc, a.run_dir or Path("runs/shapes") / a.name, a.export or CHECKPOINT_ROOT / a.name)
+
+
+if __name__ == "__main__":
+    main()
