@@ -36,7 +36,29 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from vidaccel.demo import run_demo
+
+    run_demo(args.out, num_prompts=args.prompts, steps=args.steps, guidance=args.guidance, seed=args.seed,
+             methods=args.methods)
+    return 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    from vidaccel.demo import DEFAULT_OUT, DEMO_METHODS
+
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default %(default)s)")
+    p.add_argument("--prompts", type=int, default=4, help="number of held-out prompts (default %(default)s)")
+    p.add_argument("--steps", type=int, default=50, help="UniPC steps (default %(default)s)")
+    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", nargs="+", default=None, choices=list(DEMO_METHODS),
+                   help="methods to run beside dense (default: all)")
+
+
 COMMANDS = {
+    "demo": (_demo, "generate shapes-world videos with the tiny text-to-video model, dense and accelerated; "
+                    "writes GIFs and a report", _demo_args),
     "presets": (_presets, "list the Wan config presets and their parameter counts",
                 lambda p: p.add_argument("--json", action="store_true", help="print JSON")),
     "convert": (_convert, "convert a diffusers or official Wan2.1 checkpoint to an Orbax cache for fast reload",

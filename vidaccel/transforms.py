@@ -52,11 +52,26 @@ class Work:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class Stages:
+    """A denoiser's model call in three parts, for methods that recombine them (skip or subset the blocks).
+
+    embed(params, state, x, t, context) -> (Embedded, state)   counts the call (once per apply)
+    blocks(params, state, emb) -> (tokens, state)     the block stack; counts block passes and token-layers
+    head(params, tokens, emb) -> velocity
+    """
+
+    embed: Callable[..., Any]
+    blocks: Callable[..., tuple[jax.Array, Any]]
+    head: Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Denoiser:
     """A pure denoiser: `init(spec) -> state`, `apply(params, state, x, t, context) -> (velocity, state)`.
 
-    `graphdef` is the underlying transformer graph (for methods that need its stages), `params` the default
-    parameters to sample with. Hashable by identity, so it can be a static argument of `jax.jit`.
+    `graphdef` is the underlying transformer graph, `params` the default parameters to sample with, `stages`
+    the model call split for methods. Hashable by identity, so it can be a static argument of `jax.jit`.
+    Every state has a `work` field (wrappers keep the wrapped state in `inner`; see `work_of`).
     """
 
     init: Callable[[DenoiseSpec], Any]
@@ -64,9 +79,42 @@ class Denoiser:
     graphdef: Any = None
     params: Any = None
     name: str = "denoiser"
+    stages: Stages | None = None
     # AR chunk denoisers only: `commit(params, state, x0, context) -> state` finishes a chunk whose clean
     # latents are x0 (stores its K/V) and moves on to the next; methods wrapping a Denoiser pass it through.
     commit: Callable[..., Any] | None = None
+
+
+def work_of(state) -> Work:
+    """The work counters of a denoiser state (following `inner` through method wrappers)."""
+    while not hasattr(state, "work") and hasattr(state, "inner"):
+        state = state.inner
+    return state.work
+
+
+def add_work(state, **counts):
+    """`state` with its work counters advanced (through method wrappers)."""
+    if hasattr(state, "work"):
+        return state.replace(work=state.work.add(**counts))
+    return state.replace(inner=add_work(state.inner, **counts))
+
+
+def total_work(state) -> dict[str, int]:
+    """Counters summed over CFG branches (a dict of branch states) as ints."""
+    states = state.values() if isinstance(state, dict) else [state]
+    works = [work_of(s) for s in states]
+    return {f: int(sum(int(getattr(w, f)) for w in works)) for f in ("calls", "block_passes", "token_layers")}
+
+
+def staged_apply(stages: Stages):
+    """The plain `apply` of a staged denoiser: embed, every block, head; one call counted."""
+
+    def apply(params, state, x, t, context):
+        emb, state = stages.embed(params, state, x, t, context)
+        tokens, state = stages.blocks(params, state, emb)
+        return stages.head(params, tokens, emb), state
+
+    return apply
 
 
 @struct.dataclass
@@ -77,16 +125,21 @@ class DenseState:
 def wan_denoiser(model: WanTransformer, *, attention=None) -> Denoiser:
     """The dense baseline: every call runs the whole model. `attention` replaces dense self-attention."""
     graphdef, params = nnx.split(model)
+    num_layers = model.cfg.num_layers
 
     def init(spec: DenoiseSpec) -> DenseState:
         return DenseState(Work.zero())
 
-    def apply(params, state: DenseState, x, t, context):
-        m = nnx.merge(graphdef, params)
-        emb = m.embed(x, t, context)
-        tokens, _ = m.blocks(emb, attention=attention)
-        n_layers = m.cfg.num_layers
-        work = state.work.add(calls=1, block_passes=1, token_layers=emb.tokens.shape[1] * n_layers)
-        return m.head(tokens, emb), DenseState(work)
+    def embed(params, state, x, t, context):
+        return nnx.merge(graphdef, params).embed(x, t, context), add_work(state, calls=1)
 
-    return Denoiser(init=init, apply=apply, graphdef=graphdef, params=params, name="dense")
+    def blocks(params, state: DenseState, emb):
+        tokens, _ = nnx.merge(graphdef, params).blocks(emb, attention=attention)
+        return tokens, add_work(state, block_passes=1, token_layers=emb.tokens.shape[1] * num_layers)
+
+    def head(params, tokens, emb):
+        return nnx.merge(graphdef, params).head(tokens, emb)
+
+    stages = Stages(embed, blocks, head)
+    return Denoiser(init=init, apply=staged_apply(stages), graphdef=graphdef, params=params, name="dense",
+                    stages=stages)

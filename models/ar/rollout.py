@@ -31,7 +31,7 @@ from models.ar.kv_cache import KVCache, cached_attention, init_kv_cache, store
 from models.wan.transformer import WanTransformer
 from vidaccel.checks import int_arg
 from vidaccel.sampling import check_guidance, denoise_loop, init_branches, progress_bar
-from vidaccel.transforms import DenoiseSpec, Denoiser, Work
+from vidaccel.transforms import DenoiseSpec, Denoiser, Stages, Work, staged_apply
 
 KV_MODES = ("clean", "last_step")
 
@@ -75,7 +75,7 @@ class ChunkState:
 
     cache: KVCache
     chunk: jax.Array      # () int32
-    step: jax.Array       # () int32 model calls so far on this chunk
+    step: jax.Array       # () int32 denoising calls so far on this chunk (counted by `embed`)
     work: Work
     num_steps: int = struct.field(pytree_node=False, default=0)
 
@@ -109,35 +109,42 @@ def chunk_denoiser(model: WanTransformer, config: RolloutConfig = RolloutConfig(
         z = jnp.zeros((), jnp.int32)
         return ChunkState(cache, z, z, Work.zero(), spec.num_steps)
 
-    def forward(params, state: ChunkState, x, t, context, write: bool):
-        m = nnx.merge(graphdef, params)
-        emb = m.embed(x, t, context, frame_offset=state.chunk * fpb)
+    def embed(params, state: ChunkState, x, t, context):
+        emb = nnx.merge(graphdef, params).embed(x, t, context, frame_offset=state.chunk * fpb)
+        return emb, state.replace(step=state.step + 1, work=state.work.add(calls=1))
+
+    def run_blocks(params, state: ChunkState, emb, write: bool):
+        """The block stack reading the cache; with `write`, the chunk's K/V replace its slots."""
         n = emb.tokens.shape[1]
         at = config.slot_chunk(state.chunk, state.cache.capacity // n) * n
-        tokens, (k, v) = m.blocks(emb, attention=cached_attention(state.cache, write_at=at if write else None),
-                                  layer_state=(state.cache.k, state.cache.v))
-        written = store(state.cache, k, v, emb.positions[..., 0], at) if write else state.cache
-        work = state.work.add(calls=1, block_passes=1, token_layers=n * cfg.num_layers)
-        return m.head(tokens, emb), written, work
+        tokens, (k, v) = nnx.merge(graphdef, params).blocks(
+            emb, attention=cached_attention(state.cache, write_at=at if write else None),
+            layer_state=(state.cache.k, state.cache.v))
+        cache = store(state.cache, k, v, emb.positions[..., 0], at) if write else state.cache
+        return tokens, state.replace(cache=cache, work=state.work.add(block_passes=1, token_layers=n * cfg.num_layers))
 
-    def apply(params, state: ChunkState, x, t, context):
-        if config.kv_mode == "last_step":
-            out, written, work = forward(params, state, x, t, context, write=True)
-            last = state.step == state.num_steps - 1
-            cache = jax.tree.map(lambda a, b: jnp.where(last, a, b), written, state.cache)
-        else:
-            out, cache, work = forward(params, state, x, t, context, write=False)
-        return out, ChunkState(cache, state.chunk, state.step + 1, work, state.num_steps)
+    def blocks(params, state: ChunkState, emb):
+        if config.kv_mode == "clean":
+            tokens, new = run_blocks(params, state, emb, write=False)
+        else:   # keep the K/V of the chunk's last denoising step
+            tokens, new = run_blocks(params, state, emb, write=True)
+            last = state.step == state.num_steps        # embed already counted this call
+            new = new.replace(cache=jax.tree.map(lambda a, b: jnp.where(last, a, b), new.cache, state.cache))
+        return tokens, new
+
+    def head(params, tokens, emb):
+        return nnx.merge(graphdef, params).head(tokens, emb)
+
+    stages = Stages(embed, blocks, head)
 
     def commit(params, state: ChunkState, x0, context) -> ChunkState:
-        cache, work = state.cache, state.work
         if config.kv_mode == "clean":
-            t0 = jnp.zeros((x0.shape[0],), jnp.float32)
-            _, cache, work = forward(params, state, x0, t0, context, write=True)
-        return ChunkState(cache, state.chunk + 1, jnp.zeros((), jnp.int32), work, state.num_steps)
+            emb, state = embed(params, state, x0, jnp.zeros((x0.shape[0],), jnp.float32), context)
+            _, state = run_blocks(params, state, emb, write=True)
+        return state.replace(chunk=state.chunk + 1, step=jnp.zeros((), jnp.int32))
 
-    return Denoiser(init=init, apply=apply, graphdef=graphdef, params=params, name=f"ar_{config.kv_mode}",
-                    commit=commit)
+    return Denoiser(init=init, apply=staged_apply(stages), graphdef=graphdef, params=params, name=f"ar_{config.kv_mode}",
+                    stages=stages, commit=commit)
 
 
 @struct.dataclass
