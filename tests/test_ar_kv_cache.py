@@ -36,7 +36,7 @@ def test_cached_chunks_equal_full_block_causal_forward():
         emb = model.embed(x[:, c * CHUNK:(c + 1) * CHUNK], 0.0, ctx, frame_offset=c * CHUNK)
         _, (kk, vv) = model.blocks(emb, attention=cached_attention(cache, write_at=at),
                                    layer_state=(cache.k, cache.v))
-        cache = store(cache, kk, vv, emb.positions[..., 0], at)
+        cache = store(cache, (kk, vv), emb.positions[..., 0], at)
     assert bool(cache.valid.all())
     emb = model.embed(x[:, 2 * CHUNK:], 700.0, ctx, frame_offset=2 * CHUNK)
     tokens, _ = model.blocks(emb, attention=cached_attention(cache), layer_state=(cache.k, cache.v))
@@ -67,7 +67,7 @@ def test_cache_errors():
     cache = init_kv_cache(1, 1, 8, 2, 4)
     kv = jnp.zeros((1, 1, 8, 2, 4))
     with pytest.raises(ValueError, match="overflows its 8 slots"):
-        store(cache, kv, kv, jnp.zeros((1, 4), jnp.int32), 5)
+        store(cache, (kv, kv), jnp.zeros((1, 4), jnp.int32), 5)
     with pytest.raises(ValueError, match="capacity=0"):
         init_kv_cache(1, 1, 0, 2, 4)
     assert cache.nbytes() == 2 * 8 * 2 * 4 * 4 + 8 * 4 + 8

@@ -15,6 +15,11 @@ The cache holds `sink_chunks` first chunks for good plus a rolling window of the
 chunks, placed in a ring of slots (a new chunk overwrites the oldest non-sink one); `window_chunks=None`
 keeps every chunk. RoPE is applied before caching, so attention sees true relative frame distances.
 
+K/V storage (`kv_storage`): float32 or bfloat16 arrays, or int8 / int4 codes in the `vidaccel.kvcache` layout
+(keys per channel in groups of `kv_group_size` tokens, values per token, `kv_scale_dtype` scales), read by
+the quantized-KV attention kernel on GPU (`kv_attention="auto"`) or its jnp reference elsewhere; the
+chunk being denoised is the full-precision recent window. `kv_cache_bytes(out.state)` reports bytes held.
+
 The per-chunk model is a `Denoiser` (`chunk_denoiser`) whose state holds the cache, so methods that wrap a
 Denoiser apply to AR rollouts as they do to text-to-video sampling, and CFG branches keep separate caches.
 """
@@ -27,9 +32,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from models.ar.kv_cache import KVCache, cached_attention, init_kv_cache, store
+from models.ar.kv_cache import STORAGES, cached_attention, init_cache, layer_state, store
 from models.wan.transformer import WanTransformer
 from vidaccel.checks import int_arg
+from vidaccel.kvcache import SCALE_DTYPES
 from vidaccel.sampling import check_guidance, denoise_loop, init_branches, progress_bar
 from vidaccel.transforms import DenoiseSpec, Denoiser, Stages, Work, staged_apply
 
@@ -43,16 +49,26 @@ class RolloutConfig:
     window_chunks: int | None = None
     sink_chunks: int = 0
     kv_mode: str = "clean"
-    kv_dtype: str = "float32"
+    kv_storage: str = "float32"
+    kv_attention: str = "auto"
+    kv_group_size: int = 32
+    kv_scale_dtype: str = "bfloat16"
 
     def __post_init__(self):
         if self.window_chunks is not None:
             int_arg("RolloutConfig.window_chunks", self.window_chunks, 1)
         int_arg("RolloutConfig.sink_chunks", self.sink_chunks, 0)
+        int_arg("RolloutConfig.kv_group_size", self.kv_group_size, 1)
         if self.kv_mode not in KV_MODES:
             raise ValueError(f"RolloutConfig.kv_mode={self.kv_mode!r} is invalid; allowed: {KV_MODES}")
-        if self.kv_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"RolloutConfig.kv_dtype={self.kv_dtype!r} is invalid; allowed: float32, bfloat16")
+        if self.kv_storage not in STORAGES:
+            raise ValueError(f"RolloutConfig.kv_storage={self.kv_storage!r} is invalid; allowed: {STORAGES}")
+        if self.kv_scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"RolloutConfig.kv_scale_dtype={self.kv_scale_dtype!r} is invalid; allowed: "
+                             f"{SCALE_DTYPES}")
+        if self.kv_attention not in ("auto", "kernel", "reference"):
+            raise ValueError(f"RolloutConfig.kv_attention={self.kv_attention!r} is invalid; allowed: auto, kernel, "
+                             "reference")
         if self.window_chunks is None and self.sink_chunks:
             raise ValueError("RolloutConfig.sink_chunks needs a window_chunks (without a window every chunk is kept)")
 
@@ -73,7 +89,7 @@ class RolloutConfig:
 class ChunkState:
     """A chunk denoiser's state: the KV cache, the chunk index being denoised, the solver step, counters."""
 
-    cache: KVCache
+    cache: object         # KVCache (float storage) or QuantizedKVCache (int8 / int4)
     chunk: jax.Array      # () int32
     step: jax.Array       # () int32 denoising calls so far on this chunk (counted by `embed`)
     work: Work
@@ -92,7 +108,6 @@ def chunk_denoiser(model: WanTransformer, config: RolloutConfig = RolloutConfig(
                          f"num_frame_per_block={cfg.num_frame_per_block}")
     graphdef, params = nnx.split(model)
     fpb = cfg.num_frame_per_block
-    dtype = jnp.dtype(config.kv_dtype)
 
     def tokens_per_chunk(x) -> int:
         pt, ph, pw = cfg.patch_size
@@ -104,8 +119,9 @@ def chunk_denoiser(model: WanTransformer, config: RolloutConfig = RolloutConfig(
             raise ValueError(f"a chunk has {fpb * cfg.patch_size[0]} latent frames (num_frame_per_block={fpb}); "
                              f"got latents of {f} frames")
         n = tokens_per_chunk(spec.latents)
-        cache = init_kv_cache(cfg.num_layers, b, n * config.capacity_chunks(spec.num_chunks),
-                              cfg.num_attention_heads, cfg.attention_head_dim, dtype)
+        cache = init_cache(config.kv_storage, cfg.num_layers, b, n * config.capacity_chunks(spec.num_chunks),
+                           cfg.num_attention_heads, cfg.attention_head_dim, window=n,
+                           group_size=config.kv_group_size, scale_dtype=config.kv_scale_dtype)
         z = jnp.zeros((), jnp.int32)
         return ChunkState(cache, z, z, Work.zero(), spec.num_steps)
 
@@ -117,10 +133,10 @@ def chunk_denoiser(model: WanTransformer, config: RolloutConfig = RolloutConfig(
         """The block stack reading the cache; with `write`, the chunk's K/V replace its slots."""
         n = emb.tokens.shape[1]
         at = config.slot_chunk(state.chunk, state.cache.capacity // n) * n
-        tokens, (k, v) = nnx.merge(graphdef, params).blocks(
-            emb, attention=cached_attention(state.cache, write_at=at if write else None),
-            layer_state=(state.cache.k, state.cache.v))
-        cache = store(state.cache, k, v, emb.positions[..., 0], at) if write else state.cache
+        attention = cached_attention(state.cache, write_at=at if write else None, implementation=config.kv_attention)
+        tokens, layers = nnx.merge(graphdef, params).blocks(emb, attention=attention,
+                                                            layer_state=layer_state(state.cache))
+        cache = store(state.cache, layers, emb.positions[..., 0], at) if write else state.cache
         return tokens, state.replace(cache=cache, work=state.work.add(block_passes=1, token_layers=n * cfg.num_layers))
 
     def blocks(params, state: ChunkState, emb):
