@@ -34,18 +34,22 @@ def checkpoint_dir(name: str) -> Path:
     return CHECKPOINT_ROOT / name
 
 
-def load_shapes_model(name: str, dtype: str | None = None) -> WanTransformer:
-    """The trained shapes model `name` ("t2v" or "ar") as a `WanTransformer` (EMA weights, float32 by default)."""
-    path = checkpoint_dir(name)
+def load_shapes_model(name: str, dtype: str | None = None, path: str | Path | None = None) -> WanTransformer:
+    """The trained shapes model `name` ("t2v" or "ar") as a `WanTransformer` (EMA weights, float32 by default).
+
+    `path` reads another export of the training script instead of the committed checkpoint (e.g. a run in
+    progress).
+    """
+    path = checkpoint_dir(name) if path is None else Path(path)
     if not (path / "wan_config.json").exists():
         raise FileNotFoundError(f"no trained shapes model {name!r} at {path}; train it with "
                                 f"`python -m models.shapes.train {name}`")
     return restore_converted(path, dtype)
 
 
-def training_info(name: str) -> dict:
+def training_info(name: str, path: str | Path | None = None) -> dict:
     """What `training.json` records for model `name`: steps, train seconds, machine, hyperparameters."""
-    path = checkpoint_dir(name) / "training.json"
+    path = (checkpoint_dir(name) if path is None else Path(path)) / "training.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; it is written by `python -m models.shapes.train {name}`")
     return json.loads(path.read_text())

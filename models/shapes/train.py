@@ -2,6 +2,7 @@
 
     python -m models.shapes.train t2v --steps 4000          # bidirectional text-to-video
     python -m models.shapes.train ar  --steps 4000          # AR chunk model, diffusion forcing
+    python -m models.shapes.train ar  --init-from models/shapes/checkpoints/t2v   # ... fine-tuned from t2v
 
 Both use the real Wan code (`models.wan.WanTransformer`) at a tiny size (`shapes_config`). Batches are
 rendered on the fly from train-split prompts; batch `s` is a pure function of `(seed, s)`, so a run
@@ -18,6 +19,8 @@ the empty prompt's embedding) with probability 0.1 so classifier-free guidance w
 Diffusion forcing (`ar`): every chunk of `num_frame_per_block` latent frames gets its own noise level
 (per-frame `t`), attention is block-causal; with probability 0.5 a random number of leading chunks is
 clean (t = 0, no loss), the situation of chunk-by-chunk rollout with a KV cache of finished chunks.
+`--init-from` starts from another model's exported weights (same parameter shapes), as SkyReels-V2 DF and
+CausVid start their causal models from a bidirectional one.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 250
     latent_frames: int = LATENT_FRAMES
+    init_from: str | None = None  # an exported model folder whose weights start the run
 
 
 def make_batch(tc: TrainConfig, step: int) -> dict[str, np.ndarray]:
@@ -147,6 +151,8 @@ def train(tc: TrainConfig, run_dir: Path, export_dir: Path, log_every: int = 25)
 
     cfg = shapes_config(tc.name)
     model = init_transformer(cfg, seed=tc.seed)
+    if tc.init_from is not None:
+        _load_weights_into(model, Path(tc.init_from))
     graphdef, params = nnx.split(model, nnx.Param)
     opt, step_fn = make_train_step(graphdef, tc)
     state = {"params": params, "ema": params, "opt": opt.init(params), "step": jnp.zeros((), jnp.int32)}
@@ -185,6 +191,19 @@ def train(tc: TrainConfig, run_dir: Path, export_dir: Path, log_every: int = 25)
     return {"steps": int(state["step"])}
 
 
+def _load_weights_into(model, folder: Path) -> None:
+    """Copy the parameters of the exported model at `folder` into `model` (every shape must match)."""
+    from models.wan.loader import restore_converted
+
+    src = nnx.state(restore_converted(folder), nnx.Param)
+    dst = nnx.state(model, nnx.Param)
+    src_shapes = jax.tree.map(lambda a: a.shape, src)
+    dst_shapes = jax.tree.map(lambda a: a.shape, dst)
+    if src_shapes != dst_shapes:
+        raise ValueError(f"--init-from {folder}: its parameter shapes differ from the {model.cfg} model's")
+    nnx.update(model, src)
+
+
 def export(tc: TrainConfig, cfg: WanConfig, graphdef, state, export_dir: Path, wall: float) -> None:
     """Write the EMA weights (`save_converted` layout) and how they were trained to `export_dir`."""
     model = nnx.merge(graphdef, state["ema"])
@@ -210,11 +229,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save-every", type=int, default=TrainConfig.save_every)
     p.add_argument("--run-dir", type=Path, default=None, help="default runs/shapes/<name>")
     p.add_argument("--export", type=Path, default=None, help="default models/shapes/checkpoints/<name>")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from the weights of an exported model folder (e.g. the t2v model for ar)")
     a = p.parse_args(argv)
     for flag, v in (("--steps", a.steps), ("--batch", a.batch), ("--save-every", a.save_every)):
         if v < 1:
             p.error(f"{flag}={v} must be >= 1")
-    tc = TrainConfig(a.name, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, save_every=a.save_every)
+    if a.init_from is not None and not (a.init_from / "wan_config.json").exists():
+        p.error(f"--init-from {a.init_from}: not an exported model folder (no wan_config.json)")
+    tc = TrainConfig(a.name, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, save_every=a.save_every,
+                     init_from=None if a.init_from is None else str(a.init_from))
     train(tc, a.run_dir or Path("runs/shapes") / a.name, a.export or CHECKPOINT_ROOT / a.name)
 
 
