@@ -174,3 +174,22 @@ def test_validation_command_writes_figures(tmp_path, capsys):
                                           "other_prompt"}
     assert res["ground_truth"]["score"] > 0.9 and res["uniform_noise"]["score"] < 0.1
     assert set(res["ground_truth"]) == {"score", *CRITERIA}
+
+
+def test_mid_video_segments_of_long_renders():
+    """Later 16-frame segments of 96-frame renders: objects have bounced, so the strict first-step rule fails
+    direction on many, while mid_video (any bounce phase, direction up to reflections) scores them like
+    whole renders; shuffled segments and another prompt's segments stay low."""
+    from models.shapes.adherence import MID_VIDEO_DIRECTION_CHANCE, same_up_to_reflection
+
+    assert same_up_to_reflection("right", "left") and not same_up_to_reflection("right", "up")
+    assert same_up_to_reflection("up-right", "down-left") and MID_VIDEO_DIRECTION_CHANCE == 0.375
+    prompts = S.sample_prompts(24, seed=1, split="heldout")
+    videos = S.render_batch(prompts, num_frames=96, seeds=range(24))
+    later = videos[:, 48:64]
+    assert S.adherence(later, prompts)["direction"] < 0.8            # the strict rule misreads bounced motion
+    mid = S.adherence(later, prompts, mid_video=True)
+    assert mid["score"] >= 0.96 and mid["direction"] >= 0.9, mid
+    shuffled = videos[:, np.random.default_rng(0).permutation(96)][:, 48:64]
+    assert S.adherence(shuffled, prompts, mid_video=True)["direction"] <= 0.1
+    assert S.adherence(later, prompts[1:] + prompts[:1], mid_video=True)["score"] < 0.4

@@ -114,29 +114,34 @@ def _unmix(frames: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     return ac, res, label
 
 
-def _fit_axis(c: np.ndarray, t: np.ndarray, velocities: np.ndarray, lo: float, hi: float):
-    """Truncated-LS fit of fold(u0 + v t) on [lo, hi] per velocity: (loss (V,), fitted path (V, n))."""
+def _fit_axis(c: np.ndarray, t: np.ndarray, velocities: np.ndarray, lo: float, hi: float, mid_video: bool = False):
+    """Truncated-LS fit of fold(u0 + v t) on [lo, hi] per velocity: (loss (V,), fitted path (V, n)).
+
+    mid_video: the track is a later segment of a longer video, so it may start anywhere in the bounce cycle
+    (u0 over a whole fold period, no first-step rule); a direction is then known only up to wall reflections.
+    """
     velocities, inverse = np.unique(velocities, return_inverse=True)
-    u0 = np.arange(lo, hi + 1e-9, _U0_STEP)
+    u0 = np.arange(lo, (2 * hi - lo if mid_video else hi) + 1e-9, _U0_STEP)
     path = fold(u0[:, None, None] + velocities[None, :, None] * t[None, None, :], lo, hi)  # (G, V, n)
     loss = np.minimum((path - c) ** 2, _TRUNCATE**2).sum(-1)
-    # The first step goes along v without a bounce (else "right" from the left wall equals "left" bouncing at
-    # once); where no start allows that (v longer than the span), the start nearest to allowing it is kept.
-    first = u0[:, None] + velocities[None, :]
-    excess = np.maximum(first - hi, 0.0) + np.maximum(lo - first, 0.0)
-    loss = np.where(excess <= excess.min(axis=0, keepdims=True) + 1e-9, loss, np.inf)
+    if not mid_video:
+        # The first step goes along v without a bounce (else "right" from the left wall equals "left" bouncing
+        # at once); where no start allows that (v longer than the span), the start nearest to allowing it is kept.
+        first = u0[:, None] + velocities[None, :]
+        excess = np.maximum(first - hi, 0.0) + np.maximum(lo - first, 0.0)
+        loss = np.where(excess <= excess.min(axis=0, keepdims=True) + 1e-9, loss, np.inf)
     best = np.argmin(loss, axis=0)
     v_idx = np.arange(len(velocities))
     return loss[best, v_idx][inverse], path[best, v_idx][inverse]
 
 
-def _fit_motion(centres: np.ndarray, t: np.ndarray, width: int, height: int) -> dict:
+def _fit_motion(centres: np.ndarray, t: np.ndarray, width: int, height: int, mid_video: bool = False) -> dict:
     """Best prompt (direction, speed) for a track of centres (n, 2) at frames t, and its inlier fraction."""
     vel = np.array([[DIRECTIONS[d][i] * SPEEDS[s] for d, s in _MOTIONS] for i in range(2)])  # (2, M)
     best = None
     for h in SIZES.values():
-        lx, px = _fit_axis(centres[:, 0], t, vel[0], h, width - h)
-        ly, py = _fit_axis(centres[:, 1], t, vel[1], h, height - h)
+        lx, px = _fit_axis(centres[:, 0], t, vel[0], h, width - h, mid_video)
+        ly, py = _fit_axis(centres[:, 1], t, vel[1], h, height - h, mid_video)
         m = int(np.argmin(lx + ly))
         if best is None or lx[m] + ly[m] < best[0]:
             best = (lx[m] + ly[m], m, np.stack([px[m], py[m]], -1))
@@ -198,7 +203,17 @@ def _template_bank(shape: str, size: str, fx: int, fy: int) -> tuple[np.ndarray,
     return out
 
 
-def _score_object(obj, k: int, ac: np.ndarray, res: np.ndarray, label: np.ndarray) -> dict:
+def same_up_to_reflection(a: str, b: str) -> bool:
+    """Whether directions a and b differ only by wall reflections (sign flips of either component)."""
+    (ax, ay), (bx, by) = DIRECTIONS[a], DIRECTIONS[b]
+    return abs(ax) == abs(bx) and abs(ay) == abs(by)
+
+
+# P(a uniformly random direction equals the prompt's up to reflections), averaged over prompt directions
+MID_VIDEO_DIRECTION_CHANCE = float(np.mean([[same_up_to_reflection(a, b) for b in DIRECTIONS] for a in DIRECTIONS]))
+
+
+def _score_object(obj, k: int, ac: np.ndarray, res: np.ndarray, label: np.ndarray, mid_video: bool = False) -> dict:
     T, H, W = label.shape
     found = [_detect(label[t] == k, ac[t, ..., k], res[t, ..., k]) for t in range(T)]
     present = np.array([f is not None for f in found])
@@ -219,22 +234,30 @@ def _score_object(obj, k: int, ac: np.ndarray, res: np.ndarray, label: np.ndarra
         votes = [f[1] for f in found if f is not None]
         shape, size = max(_TEMPLATES, key=lambda tp: (votes.count(tp), -_TEMPLATES.index(tp)))
         ox, oy = centroid_offset(shape, SIZES[size])
-        fit = _fit_motion(centroid[present] - np.array([ox, oy]), np.flatnonzero(present).astype(float), W, H)
+        fit = _fit_motion(centroid[present] - np.array([ox, oy]), np.flatnonzero(present).astype(float), W, H,
+                          mid_video)
         consistent = fit["inlier_fraction"] >= INLIER_FRACTION
+        right_way = (same_up_to_reflection(fit["direction"], obj.direction) if mid_video
+                     else fit["direction"] == obj.direction)
         out.update(detected_direction=fit["direction"], detected_speed=fit["speed"],
                    inlier_fraction=fit["inlier_fraction"],
-                   direction=float(consistent and fit["direction"] == obj.direction),
+                   direction=float(consistent and right_way),
                    speed=float(consistent and fit["speed"] == obj.speed))
     return out
 
 
-def score_video(video, prompt: Scene | str) -> dict:
-    """Adherence of one video to its prompt: ``{"score", <criterion>: value, "objects": [per-object dicts]}``."""
+def score_video(video, prompt: Scene | str, *, mid_video: bool = False) -> dict:
+    """Adherence of one video to its prompt: ``{"score", <criterion>: value, "objects": [per-object dicts]}``.
+
+    mid_video: the video is a later segment of a longer one (e.g. of an AR rollout), so objects may be
+    anywhere in their bounce cycle: motion is fitted from any phase and `direction` accepts the prompt's
+    direction up to wall reflections (chance level MID_VIDEO_DIRECTION_CHANCE instead of 1/8).
+    """
     scene = as_scene(prompt)
     frames = _as_frames(video)
     bg, bg_ok = _background_checks(frames, scene.background)
     ac, res, label = _unmix(frames, bg)
-    objects = [_score_object(o, _COLOR_NAMES.index(o.color), ac, res, label) for o in scene.objects]
+    objects = [_score_object(o, _COLOR_NAMES.index(o.color), ac, res, label, mid_video) for o in scene.objects]
     out = {"background": float(bg_ok.mean())}
     for c in CRITERIA[1:]:
         out[c] = float(np.mean([o[c] for o in objects]))
@@ -243,8 +266,10 @@ def score_video(video, prompt: Scene | str) -> dict:
     return out
 
 
-def adherence(videos, prompts: Sequence[Scene | str]) -> dict:
+def adherence(videos, prompts: Sequence[Scene | str], *, mid_video: bool = False) -> dict:
     """Mean adherence of videos (B, T, H, W, 3) (or a sequence of (T, H, W, 3)) to their prompts.
+
+    mid_video: score later segments of longer videos (see `score_video`).
 
     Returns ``{"score": mean score, <criterion>: mean over videos for each of CRITERIA, "per_video": [...]}``
     where `per_video` holds each video's `score_video` dict.
@@ -257,7 +282,7 @@ def adherence(videos, prompts: Sequence[Scene | str]) -> dict:
     if len(videos) != len(prompts) or len(prompts) == 0:
         raise ValueError(f"adherence: got {len(videos)} videos and {len(prompts)} prompts; need the same "
                          "positive number of each")
-    per_video = [score_video(v, p) for v, p in zip(videos, prompts)]
+    per_video = [score_video(v, p, mid_video=mid_video) for v, p in zip(videos, prompts)]
     out = {"score": float(np.mean([r["score"] for r in per_video]))}
     for c in CRITERIA:
         out[c] = float(np.mean([r[c] for r in per_video]))
