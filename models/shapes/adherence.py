@@ -314,7 +314,27 @@ def validation(n: int = 64, seed: int = 0) -> dict:
     for name, (v, p) in scenarios.items():
         r = adherence(v, p)
         out[name] = {k: round(r[k], 4) for k in ("score", *CRITERIA)}
+    out["long_render_segments"] = _segment_validation(prompts, seed)
     return out
+
+
+def _segment_validation(prompts, seed: int, frames: int = 128, seg: int = 16) -> dict:
+    """Later `seg`-frame segments of `frames`-frame renders, scored strictly and mid-video, per segment; plus
+    shuffled frames and another prompt's segments (mid-video)."""
+    videos = render_batch(prompts, num_frames=frames, seeds=range(len(prompts)))
+    starts = range(seg, frames, seg)
+    rng = np.random.default_rng(seed)
+    shuffled = np.stack([v[rng.permutation(frames)] for v in videos])
+
+    def per_segment(v, p, mid, key):
+        return [round(adherence(v[:, s:s + seg], p, mid_video=mid)[key], 4) for s in starts]
+
+    return {"frames": frames, "segment": seg, "segment_starts": list(starts),
+            "strict_direction": per_segment(videos, prompts, False, "direction"),
+            "mid_video_direction": per_segment(videos, prompts, True, "direction"),
+            "mid_video_score": per_segment(videos, prompts, True, "score"),
+            "mid_video_shuffled_score": per_segment(shuffled, prompts, True, "score"),
+            "mid_video_other_prompt_score": per_segment(videos, prompts[1:] + prompts[:1], True, "score")}
 
 
 def main(argv: list[str] | None = None) -> None:
