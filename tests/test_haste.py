@@ -1,0 +1,190 @@
+"""HASTE: Temporal Mask Reuse decisions on constant vs drifting inputs (and that a reuse skips the prediction),
+the EBC solvers against brute force, the calibration measurements, table files, and errors."""
+
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.haste import (EBCConfig, EBCTable, HasteConfig, TMRConfig, calibrate, drift, haste,
+                               load_ebc_table, measure, pool_blocks, solve_dp, solve_lagrangian, temporal_mask_reuse)
+from experiments.svg2 import SVG2Config, svg2
+from experiments.xattention import XAttentionConfig, xattention
+from test_sparse_attention import _counting, _loop, _model, _rel, _spec
+from vidaccel.sparse_attention import AttnContext, AttnSpec, sparse_attention, sparse_summary
+from vidaccel.transforms import wan_denoiser
+
+SPEC = AttnSpec(batch=1, tokens=64, heads=2, head_dim=16, layers=1, steps=10)
+
+
+def _qk(seed=0):
+    k = jax.random.split(jax.random.key(seed), 2)
+    return (jax.random.normal(k[0], (1, 64, 2, 16)), jax.random.normal(k[1], (1, 64, 2, 16)))
+
+
+def _decisions(policy, qk_at_step, steps=7):
+    """Run the TMR policy's predict for `steps` steps (one jitted function); 'P' = predicted, 'R' = reused."""
+    state = jax.tree.map(lambda x: x[0], policy.init(SPEC))
+    predict = jax.jit(policy.predict)
+    out, plans = [], []
+    for s in range(steps):
+        q, k = qk_at_step(s)
+        ctx = AttnContext(jnp.int32(s), jnp.int32(0), jnp.full((2,), 0.7), SPEC)
+        plan, state, stats = predict(q, k, state, ctx)
+        assert int(stats.predicted) + int(stats.reused) == 1
+        out.append("R" if int(stats.reused) else "P")
+        plans.append(plan)
+    return "".join(out), plans
+
+
+def test_tmr_constant_vs_drifting_inputs():
+    """Constant q, k: zero drift, so reuse until R_max = 3 steps after the anchor: P R R P R R P. Head 1's q grows
+    by 1.3x a step (pooled logits drift 0.3 after one step, 0.69 after two), head 0 stays: with trigger "max"
+    and epsilon 0.2 every step predicts; with "mean" (0.15, then 0.345) every other step is reused."""
+    q, k = _qk()
+    base = xattention(XAttentionConfig(block_size=16, stride=4, implementation="reference"))
+    calls = []
+    tmr = temporal_mask_reuse(_counting(base, calls), TMRConfig(epsilon=0.2, max_interval=3, pool_block=16))
+    seq, plans = _decisions(tmr, lambda s: (q, k))
+    jax.effects_barrier()
+    assert seq == "PRRPRRP"
+    assert len(calls) == 3                                         # a reused step ran no prediction at all
+    np.testing.assert_array_equal(plans[1].indices, plans[0].indices)
+    grow = lambda s: (q.at[:, :, 1].multiply(1.3 ** s), k)  # noqa: E731
+    assert _decisions(temporal_mask_reuse(base, TMRConfig(epsilon=0.2, max_interval=9, pool_block=16)), grow)[0] \
+        == "PPPPPPP"
+    assert _decisions(temporal_mask_reuse(base, TMRConfig(epsilon=0.2, max_interval=9, pool_block=16,
+                                                          trigger="mean")), grow)[0] == "PRPRPRP"
+
+
+def test_tmr_reuses_svg2_labels_and_permutations():
+    q, k = _qk(1)
+    base = svg2(SVG2Config(num_q_clusters=4, num_k_clusters=8, block_q=16, block_k=16, implementation="reference"))
+    seq, plans = _decisions(temporal_mask_reuse(base, TMRConfig(epsilon=0.05, max_interval=2, pool_block=16)),
+                            lambda s: (q * (1 + 1e-4 * s), k), steps=3)
+    assert seq == "PRP"
+    for f in ("q_labels", "k_labels", "q_perm", "k_perm", "cluster_mask", "kv_ranges"):
+        np.testing.assert_array_equal(getattr(plans[1], f), getattr(plans[0], f))
+
+
+def test_drift_and_pooling_by_hand():
+    x = jnp.arange(10.0).reshape(1, 10, 1, 1)
+    np.testing.assert_allclose(np.asarray(pool_blocks(x, 4))[0, 0, :, 0], [1.5, 5.5, 8.5])
+    q, k = _qk()
+    qp, kp = pool_blocks(q, 16), pool_blocks(k, 16)
+    np.testing.assert_allclose(drift(qp, kp * 1.5, qp, kp, "logits"), 0.5, rtol=1e-5)
+    np.testing.assert_allclose(drift(qp * 0.8, kp, qp, kp, "qk"), 0.2, rtol=1e-5)
+    np.testing.assert_allclose(drift(qp, kp, qp, kp), 0.0, atol=1e-7)
+
+
+def test_haste_keep_all_equals_dense_over_a_run():
+    """TMR + a (layers, heads) table of ones over a 5-step CFG run equals dense (<= 1e-5), with masks reused."""
+    model = _model()
+    ref, _ = _loop(wan_denoiser(model))
+    pol = haste(xattention(XAttentionConfig(block_size=16, stride=4, warmup_steps=1, implementation="reference")),
+                HasteConfig(tmr=TMRConfig(epsilon=1e9, max_interval=3, pool_block=16), thresholds=np.ones((2, 2))))
+    x, states = _loop(sparse_attention(wan_denoiser(model), pol))
+    assert _rel(x, ref) <= 1e-5
+    s = sparse_summary(states)
+    assert (s["sparse_calls"], s["predictions"], s["reused"]) == (16, 8, 8) and s["density_sparse"] == 1.0
+
+
+def _brute(err, dens, budget):
+    m, p = err.shape
+    best, arg = np.inf, None
+    for c in itertools.product(range(p), repeat=m):
+        idx = np.arange(m), np.array(c)
+        if dens[idx].mean() <= budget + 1e-12 and err[idx].sum() < best - 1e-15:
+            best, arg = err[idx].sum(), np.array(c)
+    return best, arg
+
+
+def test_ebc_solvers_against_brute_force():
+    """5 heads x 4 candidates, random densities and errors: DP equals brute force; the Lagrangian is feasible and
+    never better than the optimum, and equals it on a convex instance."""
+    rng = np.random.default_rng(0)
+    for trial in range(6):
+        dens = np.sort(rng.random((5, 4)), axis=1)
+        err = np.sort(rng.random((5, 4)), axis=1)[:, ::-1].copy()
+        budget = float(rng.uniform(dens.min(1).mean(), dens.max(1).mean()))
+        best, _ = _brute(err, dens, budget)
+        c = solve_dp(err, dens, budget)
+        idx = np.arange(5), c
+        assert dens[idx].mean() <= budget + 1e-12 and err[idx].sum() == pytest.approx(best, abs=1e-12)
+        c = solve_lagrangian(err, dens, budget)
+        assert dens[np.arange(5), c].mean() <= budget + 1e-12 and err[np.arange(5), c].sum() >= best - 1e-12
+    # convex: e = (1 - rho)^2 scaled per head; densities 0.25 steps; budget reached exactly by the hull
+    dens = np.tile([0.25, 0.5, 0.75, 1.0], (3, 1))
+    err = np.array([[1.0], [2.0], [4.0]]) * (1 - dens) ** 2
+    best, arg = _brute(err, dens, 0.5)
+    np.testing.assert_array_equal(solve_lagrangian(err, dens, 0.5), arg)
+    np.testing.assert_array_equal(solve_dp(err, dens, 0.5), arg)
+    with pytest.raises(ValueError, match="max_states=1"):
+        solve_dp(err, dens, 1.0, max_states=1)
+    with pytest.raises(ValueError, match="below the least achievable"):
+        solve_dp(err, dens, 0.1)
+    with pytest.raises(ValueError, match="matching"):
+        solve_lagrangian(err, dens[:, :2], 0.5)
+
+
+@pytest.mark.slow
+def test_calibration_measures_per_head_error_and_density(tmp_path):
+    """On the tiny model: p = 1 costs no error at density 1; p = 0.3 costs error at lower density, for every head;
+    the budget defaults to the shared reference threshold's density; the table round-trips through JSON and
+    drives HASTE."""
+    from vidaccel.solvers import unipc
+    model = _model()
+    pol = xattention(XAttentionConfig(block_size=16, stride=4, warmup_steps=1, implementation="reference"))
+    k = jax.random.split(jax.random.key(3), 2)
+    noise, ctx = jax.random.normal(k[0], (1, 4, 8, 8, 4)), jax.random.normal(k[1], (1, 3, 16))
+    cfg = EBCConfig(candidates=(0.3, 1.0), reference_threshold=0.3, positions=(0.5,))
+    err, dens, meta = measure(model, pol, noise, ctx, jnp.zeros_like(ctx), cfg, solver=unipc(4), log=lambda *_: None)
+    assert err.shape == dens.shape == (2, 2, 2) and meta["steps"] == [2]
+    assert np.all(err[..., 1] < 1e-10) and np.all(dens[..., 1] == 1.0)
+    assert np.all(err[..., 0] > 1e-8) and np.all(dens[..., 0] < 1.0)
+    table = calibrate(model, pol, ctx, jnp.zeros_like(ctx), cfg, noise=noise, solver=unipc(4), log=lambda *_: None)
+    assert table.budget == pytest.approx(dens[..., 0].mean())
+    np.testing.assert_allclose(table.thresholds, 0.3)          # the only table meeting that budget
+    table = table.resolve(float(dens[..., 0].mean() + 0.5 * (1 - dens[..., 0]).min()))
+    np.testing.assert_allclose(np.unique(table.thresholds), [0.3, 1.0])
+    path = tmp_path / "ebc.json"
+    table.save(path)
+    back = load_ebc_table(path)
+    np.testing.assert_array_equal(back.thresholds, table.thresholds)
+    st = sparse_attention(wan_denoiser(model), haste(pol, HasteConfig(thresholds=path))).init(_spec(4))
+    np.testing.assert_allclose(st.thresholds, table.thresholds)
+
+
+def test_table_files_and_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"thresholds": [[0.5]]}))
+    with pytest.raises(ValueError, match="not an EBC table"):
+        load_ebc_table(bad)
+    with pytest.raises(FileNotFoundError, match="no EBC table"):
+        HasteConfig(thresholds=tmp_path / "missing.json")
+    t = EBCTable(np.full((1, 2), 0.5, np.float32), (0.5, 1.0), np.zeros((1, 2, 2)), np.ones((1, 2, 2)), 0.5, "dp")
+    t.save(tmp_path / "t.json")
+    assert HasteConfig(thresholds=tmp_path / "t.json").thresholds == ((0.5, 0.5),)
+    pol = haste(xattention(XAttentionConfig(block_size=16, stride=4)), HasteConfig(thresholds=tmp_path / "t.json"))
+    with pytest.raises(ValueError, match=r"thresholds has shape \(1, 2\)"):
+        sparse_attention(wan_denoiser(_model()), pol)                    # the model has 2 layers
+    for kw, msg in [({"epsilon": -1}, "epsilon=-1"), ({"max_interval": 0}, "max_interval=0"),
+                    ({"drift": "l2"}, "drift='l2'"), ({"trigger": "any"}, "trigger='any'"),
+                    ({"pool_block": 0}, "pool_block=0")]:
+        with pytest.raises(ValueError, match=msg):
+            TMRConfig(**kw)
+    for kw, msg in [({"candidates": (0.5, 1.5)}, "candidates"), ({"budget": 0.0}, "budget=0.0"),
+                    ({"reference_threshold": 0.33}, "reference_threshold=0.33"),
+                    ({"solver": "greedy"}, "solver='greedy'"),
+                    ({"positions": (1.0,)}, "positions")]:
+        with pytest.raises(ValueError, match=msg):
+            EBCConfig(**kw)
+    with pytest.raises(ValueError, match="HasteConfig.tmr"):
+        HasteConfig(tmr=0.1)
+    with pytest.raises(ValueError, match="HasteConfig.thresholds"):
+        HasteConfig(thresholds=[0.5, 0.6])
+    with pytest.raises(TypeError, match="base Policy"):
+        haste(XAttentionConfig())
