@@ -1,18 +1,27 @@
 """TeaCache (Liu et al., CVPR'25) for Wan: presets with the published coefficients, and a calibration tool.
 
     den = teacache(wan_denoiser(model), wan21_teacache("1.3b", thresh=0.08, use_ret_steps=False))
-    coeffs = calibrate(model, prompts_context, ...)         # fit the rescaling polynomial for any model
+    cal = calibrate(wan_denoiser(model), noise, context, solver=unipc(50))   # fit the polynomial for any model
+    thresh, frac = choose_threshold(teacache_config(1.0, cal.coefficients), cal.input_change, 50, 0.5)
 
 Rule (see `vidaccel.residual_cache`): accumulate the polynomial-rescaled relative L1 change of the timestep
 modulation and reuse the whole block-stack residual while the sum stays below the threshold; one state per
 CFG branch. With `use_ret_steps` the indicator is `e0` (the 6 x dim projection), the first 5 calls of each
 branch are computed and there is no cut-off; without it the indicator is `e`, the first call and the last
-call are computed. On an AR rollout TeaCache keeps one state for the whole video (scope "video").
+call are computed (TeaCache4Wan2.1's ret_steps / cutoff_steps, counted per branch). On an AR rollout
+TeaCache keeps one state for the whole video (scope "video").
+
+Calibration (TeaCache issue #2's recipe): a dense run records, per call, the indicator's relative L1 change
+and the block-stack output's; `np.polyfit(input, output, 4)`. `choose_threshold` then replays the rule on
+the recorded changes to pick the threshold computing a target fraction of the calls. `shapes_t2v_teacache`
+is the embedded t2v model's TeaCache (the demo entry).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,11 +41,17 @@ WAN21_COEFFICIENTS: dict[tuple[str, bool], tuple[float, ...]] = {
 RET_WARMUP = 5          # calls per branch computed first with use_ret_steps (the code's 5 x 2 calls)
 
 
-def teacache_config(thresh: float, coefficients, *, use_ret_steps: bool = True) -> ResidualCacheConfig:
-    """TeaCache's rule for Wan with given coefficients (whole-run scope, one state per CFG branch)."""
+def teacache_config(thresh: float, coefficients, *, use_ret_steps: bool = True,
+                    max_change: float | None = None) -> ResidualCacheConfig:
+    """TeaCache's rule for Wan with given coefficients (whole-run scope, one state per CFG branch).
+
+    max_change: the top of the calibrated input range (`Calibration.input_max`); larger changes force a
+    computation. Needed on AR rollouts, where a chunk's first call compares against the previous chunk
+    and leaves the fitted range (the published presets leave it None)."""
     if use_ret_steps:
-        return ResidualCacheConfig(thresh, coefficients, indicator="e0", warmup=RET_WARMUP, cutoff=None)
-    return ResidualCacheConfig(thresh, coefficients, indicator="e", warmup=1, cutoff=-1)
+        return ResidualCacheConfig(thresh, coefficients, indicator="e0", warmup=RET_WARMUP, cutoff=None,
+                                   max_change=max_change)
+    return ResidualCacheConfig(thresh, coefficients, indicator="e", warmup=1, cutoff=-1, max_change=max_change)
 
 
 def wan21_teacache(model: str, thresh: float, *, use_ret_steps: bool = True) -> ResidualCacheConfig:
@@ -102,26 +117,33 @@ def probe(den: Denoiser, indicator: str) -> Denoiser:
 @dataclasses.dataclass
 class Calibration:
     coefficients: tuple[float, ...]
-    input_change: np.ndarray      # (runs, calls) recorded changes; the fit drops each run's first call
+    input_change: np.ndarray      # (runs, calls) recorded changes, one run per CFG branch (all its calls)
     output_change: np.ndarray
     fit_relative_error: float     # mean |poly(in) - out| / mean out over the samples
+    steps: int | None = None      # calls per chunk (AR) or per run; the fit drops each chunk's first call
+    input_max: float = float("inf")   # the largest input change fitted (the polynomial's valid range)
 
 
 def fit_coefficients(input_change: np.ndarray, output_change: np.ndarray, degree: int = 4,
-                     skip_first: int = 1) -> Calibration:
-    """np.polyfit(input, output, degree) over every recorded call after the first `skip_first` of a run."""
-    x = np.asarray(input_change, np.float64)[..., skip_first:].ravel()
-    y = np.asarray(output_change, np.float64)[..., skip_first:].ravel()
+                     skip_first: int = 1, steps: int | None = None) -> Calibration:
+    """np.polyfit(input, output, degree) over every recorded call after the first `skip_first` of a run (of
+    each chunk of `steps` calls when given: a chunk's first call compares against another chunk)."""
+    inp, outp = np.asarray(input_change, np.float64), np.asarray(output_change, np.float64)
+    if inp.shape != outp.shape:
+        raise ValueError(f"input_change shape {inp.shape} != output_change shape {outp.shape}")
+    rows_in, rows_out = (inp, outp) if steps is None else (inp.reshape(-1, steps), outp.reshape(-1, steps))
+    x, y = rows_in[..., skip_first:].ravel(), rows_out[..., skip_first:].ravel()
     if x.size <= degree:
         raise ValueError(f"calibration needs more than {degree} samples to fit a degree-{degree} polynomial; "
                          f"got {x.size}")
     coeffs = np.polyfit(x, y, degree)
     err = float(np.mean(np.abs(np.polyval(coeffs, x) - y)) / max(np.mean(np.abs(y)), 1e-12))
-    return Calibration(tuple(float(c) for c in coeffs), np.asarray(input_change), np.asarray(output_change), err)
+    return Calibration(tuple(float(c) for c in coeffs), inp, outp, err, steps, float(x.max()))
 
 
 def calibrate(den: Denoiser, noise: jax.Array, context: jax.Array, *, solver, indicator: str = "e0",
-              guidance: float | None = None, negative_context=None, degree: int = 4, rollout_config=None) -> Calibration:
+              guidance: float | None = None, negative_context=None, degree: int = 4,
+              rollout_config=None) -> Calibration:
     """Fit TeaCache coefficients for any model: run dense sampling (or an AR rollout when `den` has `commit`)
     recording both changes per call, then fit output change as a polynomial of indicator change.
 
@@ -138,8 +160,52 @@ def calibrate(den: Denoiser, noise: jax.Array, context: jax.Array, *, solver, in
     else:
         out = sample(pden, None, noise, context, solver=solver, guidance=guidance, negative_context=negative_context)
     states = list(out.state.values()) if isinstance(out.state, dict) else [out.state]
-    # one row per (branch, chunk): the first call of a chunk compares against another chunk, so it is dropped
-    steps = solver.num_steps
-    inp = np.concatenate([np.asarray(s.input_change).reshape(-1, steps) for s in states])
-    outp = np.concatenate([np.asarray(s.output_change).reshape(-1, steps) for s in states])
-    return fit_coefficients(inp, outp, degree)
+    # one run per branch; the fit drops the first call of every chunk (it compares against another chunk)
+    inp = np.stack([np.asarray(s.input_change) for s in states])
+    outp = np.stack([np.asarray(s.output_change) for s in states])
+    return fit_coefficients(inp, outp, degree, steps=solver.num_steps)
+
+
+# ----------------------------------------------------------------------------------- the embedded t2v model
+T2V_CALIBRATION = Path("results/caching/teacache_t2v.json")
+DEFAULT_TARGETS = (("slow", 0.5), ("fast", 0.3))
+
+
+def calibrate_shapes_t2v(model, *, num_prompts: int = 4, steps: int = 50, guidance: float = 5.0, seed: int = 0,
+                         targets=DEFAULT_TARGETS) -> dict:
+    """TeaCache for the embedded t2v model: fit the polynomial on `num_prompts` training-split prompts and
+    choose each target's threshold (the fraction of calls computed, replayed on the recorded changes).
+    Returns a JSON-ready dict: coefficients, max_change, thresholds, replayed fractions, fit error."""
+    from models.shapes import encode_prompts, sample_prompts
+    from models.shapes.pretrained import latent_noise
+    from vidaccel.residual_cache import choose_threshold
+    from vidaccel.solvers import unipc
+    from vidaccel.transforms import wan_denoiser
+
+    prompts = sample_prompts(num_prompts, 1, "train")
+    ctx = jnp.asarray(encode_prompts(prompts))
+    cal = calibrate(wan_denoiser(model), latent_noise(num_prompts, seed + 1000), ctx, solver=unipc(steps),
+                    indicator="e0", guidance=guidance, negative_context=jnp.zeros_like(ctx))
+    th, frac = {}, {}
+    for speed, target in targets:
+        th[speed], frac[speed] = choose_threshold(teacache_config(1.0, cal.coefficients, max_change=cal.input_max),
+                                                  cal.input_change, steps, target)
+    return {"coefficients": list(cal.coefficients), "max_change": cal.input_max, "thresholds": th,
+            "replayed_fractions": frac, "targets": dict(targets), "fit_relative_error": cal.fit_relative_error,
+            "steps": steps, "guidance": guidance, "prompts": prompts}
+
+
+def shapes_t2v_teacache(model, speed: str = "slow", *, calibration: dict | None = None,
+                        path: Path = T2V_CALIBRATION) -> Denoiser:
+    """TeaCache on the embedded t2v model (the `vidaccel demo` entry), with the calibrated coefficients and
+    `speed` threshold from `calibration`, else from `path` (written by `python -m experiments.cache_table`),
+    else from a fresh `calibrate_shapes_t2v` on 2 prompts. Thresholds are for the calibration's step count."""
+    from vidaccel.transforms import wan_denoiser
+
+    if calibration is None:
+        calibration = json.loads(path.read_text()) if path.exists() else calibrate_shapes_t2v(model, num_prompts=2)
+    if speed not in calibration["thresholds"]:
+        raise ValueError(f"speed={speed!r} is invalid; allowed: {list(calibration['thresholds'])}")
+    cfg = teacache_config(calibration["thresholds"][speed], calibration["coefficients"],
+                          max_change=calibration["max_change"])
+    return teacache(wan_denoiser(model), cfg)

@@ -9,7 +9,7 @@ from experiments.flowcache import flowcache, flowcache_config
 from experiments.teacache import calibrate, fit_coefficients, teacache, teacache_config, wan21_teacache
 from models.ar.rollout import RolloutConfig, chunk_denoiser, rollout
 from models.wan import init_transformer, wan_tiny
-from vidaccel.residual_cache import ResidualCacheConfig, decide, relative_l1, rescale
+from vidaccel.residual_cache import ResidualCacheConfig, choose_threshold, decide, relative_l1, rescale, schedule
 from vidaccel.sampling import sample
 from vidaccel.solvers import euler, unipc
 from vidaccel.transforms import Denoiser, DenoiseSpec, Stages, total_work, wan_denoiser
@@ -24,6 +24,18 @@ def test_decide_by_hand():
         c, acc = decide(cfg, acc, jnp.float32(d), jnp.int32(i), 6)
         got.append((bool(c), round(float(acc), 6)))
     assert got == [(True, 0.0), (True, 0.0), (False, 0.1), (False, 0.25), (True, 0.0), (True, 0.0)]
+
+
+def test_schedule_and_threshold_choice_by_hand():
+    """Constant change 0.1, 10 calls per chunk scope, warm-up 1: thresh 0.25 computes calls 0, 3, 6, 9 of
+    each chunk (0.4); asked for 0.4 the chooser lands in (0.2, 0.3]; the scope restarts every 10 calls."""
+    cfg = ResidualCacheConfig(0.25, warmup=1, scope="chunk")
+    plan = schedule(cfg, np.full((1, 20), 0.1), 10)
+    assert np.flatnonzero(plan[0]).tolist() == [0, 3, 6, 9, 10, 13, 16, 19]
+    thresh, frac = choose_threshold(cfg, np.full((1, 20), 0.1), 10, 0.4)
+    assert 0.2 < thresh <= 0.3 and frac == 0.4
+    with pytest.raises(ValueError, match="target=0"):
+        choose_threshold(cfg, np.full((1, 20), 0.1), 10, 0)
 
 
 def test_rescale_and_relative_l1():
@@ -49,7 +61,7 @@ def test_threshold_zero_is_dense_exactly():
     noise, ctx = _inputs()
     dense = wan_denoiser(model)
     ref = sample(dense, None, noise, ctx, solver=unipc(6), guidance=3.0, negative_context=jnp.zeros_like(ctx))
-    tc = teacache(dense, teacache_config(0.0, (1.0, 0.0)))
+    tc = teacache(dense, teacache_config(0.0, (-1.0, 0.0)))     # a polynomial < 0: thresh 0 still never skips
     out = sample(tc, None, noise, ctx, solver=unipc(6), guidance=3.0, negative_context=jnp.zeros_like(ctx))
     np.testing.assert_allclose(out.latents, ref.latents, rtol=0, atol=1e-6)
     assert total_work(out.state) == total_work(ref.state)
@@ -128,3 +140,17 @@ def test_config_errors():
     with pytest.raises(ValueError, match="scope='chunk' needs an AR chunk denoiser"):
         flowcache(wan_denoiser(_model()), flowcache_config(0.1))
     assert wan21_teacache("1.3b", 0.08, use_ret_steps=False).coefficients[0] == 2.39676752e+03
+
+
+def test_skipped_last_call_still_commits_kv_in_last_step_mode():
+    """kv_mode last_step with TeaCache skipping every call after the very first: every chunk still commits
+    the K/V of the last computed call (the chunk buffer, stale as the code's), so later chunks have context."""
+    model = _model(fpb=2)
+    noise, ctx = _inputs(frames=6)
+    base = chunk_denoiser(model, RolloutConfig(kv_mode="last_step"))
+    out = rollout(teacache(base, ResidualCacheConfig(1e9, warmup=1)), noise, ctx, solver=euler(4))
+    assert int(out.state.computed) == 1
+    cache = out.state.inner.cache
+    n = cache.capacity // 3
+    assert bool(cache.valid.all())
+    assert all(float(jnp.abs(cache.k[:, :, c * n:(c + 1) * n]).max()) > 0 for c in range(3))

@@ -11,6 +11,10 @@ cached keys/values of earlier chunks; then its keys/values enter the cache:
 - ``kv_mode="last_step"``: the K/V computed during the chunk's last denoising step are kept, saving the
   extra forward at the price of K/V taken from a slightly noisy input.
 
+The chunk's own K/V live in a buffer in the state, refreshed by every call at the tokens it computes; in
+`last_step` mode the commit stores the buffer, i.e. each token's K/V from the chunk's last call that
+computed it (a method that skips calls leaves them stale, as FlowCache's and MotionCache's code do).
+
 The cache holds `sink_chunks` first chunks for good plus a rolling window of the last `window_chunks`
 chunks, placed in a ring of slots (a new chunk overwrites the oldest non-sink one); `window_chunks=None`
 keeps every chunk. RoPE is applied before caching, so attention sees true relative frame distances.
@@ -22,19 +26,30 @@ chunk being denoised is the full-precision recent window. `kv_cache_bytes(out.st
 
 The per-chunk model is a `Denoiser` (`chunk_denoiser`) whose state holds the cache, so methods that wrap a
 Denoiser apply to AR rollouts as they do to text-to-video sampling, and CFG branches keep separate caches.
+Its stages add a partial forward (`ChunkStages.partial`): the blocks on a gathered subset of the chunk's
+tokens, which refresh only their own entries of the buffer (MotionCache).
+
+KV compression (`kv_compression`, FlowCache): instead of a rolling window, the clean cache holds at most
+`cache_chunks` chunks; when a finished chunk does not fit, each layer and head first keeps its best
+`(cache_chunks - 1)` chunks' worth of tokens by importance and redundancy (`vidaccel.kv_compression`),
+scored with the queries of the finished chunk's clean pass (so it needs `kv_mode="clean"`); the cache is
+a prefix of filled slots rather than a ring.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from models.ar.kv_cache import STORAGES, cached_attention, init_cache, layer_state, store
+from models.ar.kv_cache import (STORAGES, cached_attention, capturing_queries, init_cache, layer_state, store,
+                                with_chunk_buffer, write_chunk)
 from models.wan.transformer import WanTransformer
 from vidaccel.checks import int_arg
+from vidaccel.kv_compression import KVCompressionConfig, compress_cache, compression_due
 from vidaccel.kvcache import SCALE_DTYPES
 from vidaccel.sampling import check_guidance, denoise_loop, init_branches, progress_bar
 from vidaccel.transforms import DenoiseSpec, Denoiser, Stages, Work, staged_apply
@@ -53,6 +68,7 @@ class RolloutConfig:
     kv_attention: str = "auto"
     kv_group_size: int = 32
     kv_scale_dtype: str = "bfloat16"
+    kv_compression: KVCompressionConfig | None = None
 
     def __post_init__(self):
         if self.window_chunks is not None:
@@ -71,14 +87,28 @@ class RolloutConfig:
                              "reference")
         if self.window_chunks is None and self.sink_chunks:
             raise ValueError("RolloutConfig.sink_chunks needs a window_chunks (without a window every chunk is kept)")
+        if self.kv_compression is not None:
+            if not isinstance(self.kv_compression, KVCompressionConfig):
+                raise ValueError(f"RolloutConfig.kv_compression={self.kv_compression!r} is invalid; allowed: None "
+                                 "or a vidaccel.kv_compression.KVCompressionConfig")
+            if self.window_chunks is not None:
+                raise ValueError("RolloutConfig.kv_compression replaces the rolling window; set window_chunks=None")
+            if self.kv_storage not in ("float32", "bfloat16"):
+                raise ValueError(f"RolloutConfig.kv_compression needs float K/V storage, not {self.kv_storage!r}")
+            if self.kv_mode != "clean":
+                raise ValueError("RolloutConfig.kv_compression scores with the clean pass's queries; it needs "
+                                 f"kv_mode='clean', not {self.kv_mode!r}")
 
     def capacity_chunks(self, num_chunks: int) -> int:
+        if self.kv_compression is not None:
+            return min(num_chunks, self.kv_compression.cache_chunks)
         if self.window_chunks is None:
             return num_chunks
         return min(num_chunks, self.sink_chunks + self.window_chunks)
 
     def slot_chunk(self, chunk: jax.Array, capacity_chunks: int) -> jax.Array:
-        """Ring position (in chunks) where chunk `chunk` is stored, in a cache of `capacity_chunks` chunks."""
+        """Ring position (in chunks) where chunk `chunk` is stored, in a cache of `capacity_chunks` chunks
+        (not used with KV compression, whose cache is a prefix of filled slots)."""
         if self.window_chunks is None or capacity_chunks < self.sink_chunks + self.window_chunks:
             return chunk        # the cache holds every chunk of this video
         s = self.sink_chunks
@@ -93,7 +123,24 @@ class ChunkState:
     chunk: jax.Array      # () int32
     step: jax.Array       # () int32 denoising calls so far on this chunk (counted by `embed`)
     work: Work
+    attn_pairs: jax.Array  # () float32 query-key pairs scored by self-attention, summed over layers and passes
+    own: tuple             # (k, v) each (L, B, N, heads, head_dim): the chunk's own K/V from its latest calls
     num_steps: int = struct.field(pytree_node=False, default=0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChunkStages(Stages):
+    """The chunk denoiser's stages plus a partial forward:
+
+    partial(params, state, emb, indices, valid=None) -> (tokens (B, K, D), state)
+        runs the blocks on the chunk tokens `indices` (B, K) of `emb` (the whole chunk's `Embedded`), each at
+        its own RoPE position and time row. Their fresh K/V are scattered into the chunk's K/V buffer
+        (`ChunkState.own`) where `valid` (B, K) holds (padding entries must be tokens no valid entry names),
+        and the queries attend to [cached chunks ; buffer], so the other tokens contribute stale K/V.
+        Counts one block pass and K tokens per layer. `blocks` is the same with every token, in order.
+    """
+
+    partial: Callable[..., Any] = None
 
 
 def chunk_denoiser(model: WanTransformer, config: RolloutConfig = RolloutConfig()) -> Denoiser:
@@ -121,46 +168,89 @@ def chunk_denoiser(model: WanTransformer, config: RolloutConfig = RolloutConfig(
         n = tokens_per_chunk(spec.latents)
         cache = init_cache(config.kv_storage, cfg.num_layers, b, n * config.capacity_chunks(spec.num_chunks),
                            cfg.num_attention_heads, cfg.attention_head_dim, window=n,
-                           group_size=config.kv_group_size, scale_dtype=config.kv_scale_dtype)
+                           group_size=config.kv_group_size, scale_dtype=config.kv_scale_dtype,
+                           head_frames=config.kv_compression is not None)
         z = jnp.zeros((), jnp.int32)
-        return ChunkState(cache, z, z, Work.zero(), spec.num_steps)
+        buf = jnp.zeros((cfg.num_layers, b, n, cfg.num_attention_heads, cfg.attention_head_dim), jnp.float32)
+        return ChunkState(cache, z, z, Work.zero(), jnp.zeros((), jnp.float32), (buf, buf), spec.num_steps)
 
     def embed(params, state: ChunkState, x, t, context):
         emb = nnx.merge(graphdef, params).embed(x, t, context, frame_offset=state.chunk * fpb)
         return emb, state.replace(step=state.step + 1, work=state.work.add(calls=1))
 
-    def run_blocks(params, state: ChunkState, emb, write: bool):
-        """The block stack reading the cache; with `write`, the chunk's K/V replace its slots."""
+    def write_position(state: ChunkState, n: int):
+        if config.kv_compression is not None:     # a prefix of filled slots (compression packs them in front)
+            return jnp.sum(state.cache.valid).astype(jnp.int32)
+        return config.slot_chunk(state.chunk, state.cache.capacity // n) * n
+
+    def run_blocks(params, state: ChunkState, emb, *, indices=None, valid=None, write: bool = False,
+                   capture: bool = False):
+        """The block stack on the chunk tokens `indices` (all when None; see `ChunkStages.partial`), reading
+        the cache and refreshing the chunk's K/V buffer; with `write` the buffer is stored at the chunk's
+        slots too; with `capture` every layer's queries are returned. Returns (tokens, state, queries)."""
         n = emb.tokens.shape[1]
-        at = config.slot_chunk(state.chunk, state.cache.capacity // n) * n
+        at = write_position(state, n)
         attention = cached_attention(state.cache, write_at=at if write else None, implementation=config.kv_attention)
-        tokens, layers = nnx.merge(graphdef, params).blocks(emb, attention=attention,
-                                                            layer_state=layer_state(state.cache))
+        attention, ls = with_chunk_buffer(attention, indices, valid), (layer_state(state.cache), state.own)
+        if capture:
+            attention, ls = capturing_queries(attention), (ls, jnp.zeros((cfg.num_layers,)))
+        sub = emb if indices is None else emb.take(indices)
+        tokens, layers = nnx.merge(graphdef, params).blocks(sub, attention=attention, layer_state=ls,
+                                                            kv_frames=emb.positions[..., 0])
+        queries = None
+        if capture:
+            layers, queries = layers
+        layers, own = layers
         cache = store(state.cache, layers, emb.positions[..., 0], at) if write else state.cache
-        return tokens, state.replace(cache=cache, work=state.work.add(block_passes=1, token_layers=n * cfg.num_layers))
+        k = sub.tokens.shape[1]
+        keys = jnp.sum(state.cache.valid).astype(jnp.float32) + n
+        state = state.replace(cache=cache, own=own, attn_pairs=state.attn_pairs + k * keys * cfg.num_layers,
+                              work=state.work.add(block_passes=1, token_layers=k * cfg.num_layers))
+        return tokens, state, queries
 
     def blocks(params, state: ChunkState, emb):
-        if config.kv_mode == "clean":
-            tokens, new = run_blocks(params, state, emb, write=False)
-        else:   # keep the K/V of the chunk's last denoising step
-            tokens, new = run_blocks(params, state, emb, write=True)
-            last = state.step == state.num_steps        # embed already counted this call
-            new = new.replace(cache=jax.tree.map(lambda a, b: jnp.where(last, a, b), new.cache, state.cache))
-        return tokens, new
+        tokens, state, _ = run_blocks(params, state, emb)
+        return tokens, state
+
+    def partial(params, state: ChunkState, emb, indices, valid=None):
+        tokens, state, _ = run_blocks(params, state, emb, indices=indices, valid=valid)
+        return tokens, state
 
     def head(params, tokens, emb):
         return nnx.merge(graphdef, params).head(tokens, emb)
 
-    stages = Stages(embed, blocks, head)
+    stages = ChunkStages(embed, blocks, head, partial)
 
     def commit(params, state: ChunkState, x0, context) -> ChunkState:
-        if config.kv_mode == "clean":
+        if config.kv_mode == "last_step":       # the K/V of the chunk's last calls, from its buffer
+            b, n = state.own[0].shape[1:3]
+            frames = state.chunk * fpb + jnp.repeat(jnp.arange(fpb, dtype=jnp.int32), n // fpb)
+            frames = jnp.broadcast_to(frames, (b, n))
+            state = state.replace(cache=write_chunk(state.cache, *state.own, frames, write_position(state, n)))
+        elif config.kv_compression is None:     # an extra pass of the clean chunk at t = 0 writes its K/V
             emb, state = embed(params, state, x0, jnp.zeros((x0.shape[0],), jnp.float32), context)
-            _, state = run_blocks(params, state, emb, write=True)
+            _, state, _ = run_blocks(params, state, emb, write=True)
+        else:       # the clean pass's K/V and queries; compress if they do not fit, then store them
+            emb, state = embed(params, state, x0, jnp.zeros((x0.shape[0],), jnp.float32), context)
+            _, state, queries = run_blocks(params, state, emb, capture=True)
+            cache = _maybe_compress(state.cache, queries, emb, config.kv_compression)
+            state = state.replace(cache=write_chunk(cache, *state.own, emb.positions[..., 0],
+                                                    jnp.sum(cache.valid).astype(jnp.int32)))
         return state.replace(chunk=state.chunk + 1, step=jnp.zeros((), jnp.int32))
 
-    return Denoiser(init=init, apply=staged_apply(stages), graphdef=graphdef, params=params, name=f"ar_{config.kv_mode}",
-                    stages=stages, commit=commit)
+    return Denoiser(init=init, apply=staged_apply(stages), graphdef=graphdef, params=params,
+                    name=f"ar_{config.kv_mode}", stages=stages, commit=commit)
+
+
+def _maybe_compress(cache, queries, emb, compress: KVCompressionConfig):
+    """The cache made ready to store the chunk `emb` (clean pass queries `queries`): compressed to one chunk
+    fewer than its capacity when the chunk does not fit, else unchanged."""
+    n = emb.tokens.shape[1]
+    cap = cache.capacity
+    due = compression_due(jnp.sum(cache.valid), n, cap)
+    tokens_per_frame = emb.grid[1] * emb.grid[2]
+    return jax.lax.cond(due, lambda c: compress_cache(c, queries, max(cap - n, n), compress, tokens_per_frame)[0],
+                        lambda c: c, cache)
 
 
 @struct.dataclass
@@ -232,9 +322,18 @@ def _num_chunks(den: Denoiser, noise) -> int:
     return noise.shape[1] // fpb
 
 
+def chunk_state_of(state) -> ChunkState:
+    """The chunk denoiser's state inside a (possibly method-wrapped) state, following `inner`."""
+    while not isinstance(state, ChunkState):
+        if not hasattr(state, "inner"):
+            raise TypeError(f"{type(state).__name__} holds no chunk denoiser state")
+        state = state.inner
+    return state
+
+
 def kv_cache_bytes(state) -> int:
-    """Bytes held by the rollout's KV cache(s) (both CFG branches when guided)."""
+    """Bytes held by the rollout's KV cache(s) (both CFG branches when guided; method wrappers followed)."""
     states = state.values() if isinstance(state, dict) else [state]
-    return int(sum(s.cache.nbytes() for s in states))
+    return int(sum(chunk_state_of(s).cache.nbytes() for s in states))
 
 
