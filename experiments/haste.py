@@ -514,8 +514,15 @@ __all__ = ["TMRConfig", "TMRState", "pool_blocks", "drift", "reuse_decision", "t
 
 
 # ------------------------------------------------------------------------------------------ CLI
+def default_implementation() -> str:
+    """How sparse attention runs by default: the Pallas kernel on GPU; elsewhere the plain-jnp gather path,
+    which computes only the selected work (the kernels would run in the slow Pallas interpreter)."""
+    return "kernel" if jax.default_backend() == "gpu" else "gather"
+
+
 def base_policy(name: str, threshold: float | None = None, implementation: str = "reference") -> Policy:
-    """The shapes-model setting of a base method ("xattention" or "svg2"), optionally at a shared threshold."""
+    """The shapes-model setting of a base method ("xattention" or "svg2"), optionally at a shared threshold.
+    `implementation` defaults to the jnp reference (masked dense; EBC calibration uses it)."""
     from experiments.svg2 import svg2, svg2_shapes
     from experiments.xattention import xattention, xattention_shapes
 
@@ -537,11 +544,11 @@ def haste_shapes(model, base: str = "xattention", *, ebc="default", tmr: TMRConf
                  implementation: str | None = None):
     """HASTE on the shapes model as a Denoiser: the base's shapes setting, TMR, and the EBC table at `ebc`
     ("default": `results/sparse/ebc_<base>.json` when that file exists, else the shared threshold; None: off).
-    `implementation` None = the Pallas kernel on GPU, the jnp path elsewhere."""
+    `implementation` None = `default_implementation()`: the Pallas kernel on GPU, the gather path elsewhere."""
     from vidaccel.transforms import wan_denoiser
 
     if implementation is None:
-        implementation = "kernel" if jax.default_backend() == "gpu" else "reference"
+        implementation = default_implementation()
     if isinstance(ebc, str) and ebc == "default":
         ebc = DEFAULT_EBC_PATHS[base] if DEFAULT_EBC_PATHS.get(base, Path("/nonexistent")).exists() else None
     return sparse_attention(wan_denoiser(model), haste(base_policy(base, implementation=implementation),

@@ -13,9 +13,17 @@ and stage timings of one attention call per layer (mask prediction, TMR check, s
 attention) on q, k, v captured from the model. Writes `<out>/table.json`, `<out>/table.md`,
 `<out>/fidelity_vs_density.png`, `<out>/prediction_share.png` and the EBC tables `<out>/ebc_<base>.json`.
 
-Sparse compute runs through the jnp reference path here (`implementation="reference"`: masked dense
-attention, the same result as the Pallas kernel, which on CPU only runs in interpret mode); so CPU
-wall-clock shows the overheads of mask prediction and what TMR removes, not the sparse-kernel speed-up.
+Sparse compute runs through `--implementation`: by default the Pallas kernels on GPU and the plain-jnp gather
+path elsewhere (`pallas_kernels.gather_sparse`: each query tile attends to its selected keys only, padded to
+a few static bucket widths). The result equals the kernels', and CPU wall-clock then shows real work
+savings as well as the overheads of mask prediction and what TMR removes. `--implementation reference`
+(masked dense attention) shows only the overheads. EBC calibration always uses the reference: its
+numbers are the same, and its cost is not part of the table.
+
+Every run also writes an attention microbenchmark (`attention_bench.json` / `.md`): one attention call of
+dense XLA attention against the gather path (and the jnp reference at small sizes), at densities 1, 0.5 and
+0.25, at the shapes model's size (512 tokens, 4 heads x 32, XAttention block 16, SVG2 tiles 32) and at a
+larger synthetic size. `--bench-only` runs just that (about a minute on CPU).
 """
 
 from __future__ import annotations
@@ -31,14 +39,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.haste import (SHAPES_TMR, EBCConfig, HasteConfig, TMRConfig, base_policy, calibrate_shapes, drift,
-                               haste, pool_blocks)
-from vidaccel.sparse_attention import AttnContext, AttnSpec, sparse_attention, sparse_summary
+from experiments.haste import (SHAPES_TMR, EBCConfig, HasteConfig, TMRConfig, base_policy, calibrate_shapes,
+                               default_implementation, drift, haste, pool_blocks)
+from vidaccel.sparse_attention import IMPLEMENTATIONS, AttnContext, AttnSpec, sparse_attention, sparse_summary
 
 BASES = ("xattention", "svg2")
 VARIANTS = ("base", "tmr", "ebc", "haste")
 VARIANT_LABEL = {"base": "baseline", "tmr": "+ TMR", "ebc": "+ EBC", "haste": "+ TMR + EBC (HASTE)"}
 BASE_LABEL = {"xattention": "XAttention", "svg2": "SVG2"}
+IMPL_NOTE = {"gather": "plain-jnp gather path (selected keys only, padded to static bucket widths; same result as "
+                       "the kernels), so CPU times include the real sparse-attention savings",
+             "reference": "jnp reference (masked dense attention; same result as the kernels, dense cost), so CPU "
+                          "times show only the overheads of prediction and TMR",
+             "kernel": "Pallas kernels (compiled on GPU, interpret mode elsewhere)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +68,13 @@ class TableConfig:
     tmr: TMRConfig = SHAPES_TMR
     timing_reps: int = 20
     repeats: int = 2
+    implementation: str = dataclasses.field(default_factory=default_implementation)
+    bench_tokens: tuple[int, ...] = (512, 4096)
+
+    def __post_init__(self):
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"TableConfig.implementation={self.implementation!r} is invalid; allowed: "
+                             f"{IMPLEMENTATIONS}")
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -125,10 +145,10 @@ class Runner:
         return [times for _, _, times in self.jobs]
 
 
-def denoiser_for(model, base: str, tmr: TMRConfig | None):
+def denoiser_for(model, base: str, tmr: TMRConfig | None, implementation: str):
     from vidaccel.transforms import wan_denoiser
 
-    policy = base_policy(base)
+    policy = base_policy(base, implementation=implementation)
     if tmr is not None:
         policy = haste(policy, HasteConfig(tmr=tmr))
     return sparse_attention(wan_denoiser(model), policy)
@@ -181,7 +201,8 @@ def capture_qkv(model, x, t, ctx):
 
 def stage_timings(model, runner: Runner, cfg: TableConfig, threshold: float, log=print) -> dict:
     """Per attention call (one prompt, one CFG branch), averaged over layers: mask prediction, TMR check,
-    sparse attention (jnp path) and dense attention, timed separately on captured q, k, v at a mid step."""
+    sparse attention (`cfg.implementation`) and dense attention, timed separately on captured q, k, v at a
+    mid step."""
     from experiments.haste import dense_trajectory
     from vidaccel.attention import AttentionInfo, dense_attention
 
@@ -198,9 +219,10 @@ def stage_timings(model, runner: Runner, cfg: TableConfig, threshold: float, log
     check_fn = jax.jit(lambda q, k, qa, ka: drift(pool_blocks(q, pool), pool_blocks(k, pool), qa, ka, cfg.tmr.drift))
     out = {"step": s, "reps": cfg.timing_reps, "layers": L}
     for base in cfg.bases:
-        policy = base_policy(base, threshold)
+        policy = base_policy(base, threshold, cfg.implementation)
         state = policy.init(spec)
         rows = {"predict": [], "attend": [], "dense": [], "check": []}
+        fractions = {"pairs": [], "gathered": []}
         for layer in range(L):
             q, k, v = q_all[layer], k_all[layer], v_all[layer]
             ctx = AttnContext(jnp.int32(s), jnp.int32(layer), jnp.full((h,), threshold, jnp.float32), spec)
@@ -215,11 +237,165 @@ def stage_timings(model, runner: Runner, cfg: TableConfig, threshold: float, log
             rows["attend"].append(_time(attend, q, k, v, plan, ctx, reps=cfg.timing_reps))
             rows["dense"].append(_time(dense_fn, q, k, v, reps=cfg.timing_reps))
             rows["check"].append(_time(check_fn, q, k, qa, ka, reps=cfg.timing_reps))
+            fractions["pairs"].append(float(jnp.sum(plan.pairs)) / (b * h * n * n))
+            fractions["gathered"].append(gathered_fraction(base, plan, n))
         ms = {key: round(1e3 * float(np.mean(vals)), 4) for key, vals in rows.items()}
         ms["prediction_share"] = round(ms["predict"] / (ms["predict"] + ms["attend"]), 4)
+        ms.update({f"{key}_fraction": round(float(np.mean(vals)), 4) for key, vals in fractions.items()})
         out[base] = ms
         log(f"  stage timings {base}: {ms}")
     return out
+
+
+def gathered_fraction(base: str, plan, n: int) -> float:
+    """Query-key pairs the gather path computes for `plan` (padding to its bucket widths and, for SVG2, whole
+    query tiles included), as a fraction of dense attention's, from `gather_sparse.gather_work`."""
+    from experiments.svg2 import svg2_shapes
+    from experiments.xattention import xattention_shapes
+    from pallas_kernels.gather_sparse import gather_work
+
+    if base == "xattention":
+        b, h = plan.counts.shape[:2]
+        bs = xattention_shapes().block_size
+        units = gather_work(plan.counts, plan.indices.shape[-1], row_len=bs, unit=bs)
+        return float(units) * bs * bs / (b * h * n * n)
+    b, h = plan.q_ranges.shape[:2]
+    bq = svg2_shapes().block_q
+    cnt = jnp.where(plan.q_ranges[..., 1] > 0, plan.kv_ranges[..., 1].sum(-1), 0)
+    return float(gather_work(cnt, n, row_len=bq)) * bq / (b * h * n * n)
+
+
+# ------------------------------------------------------------------------------------------ microbenchmark
+BENCH_DENSITIES = (1.0, 0.5, 0.25)
+BENCH_KINDS = ("blocks, equal rows", "blocks, varied rows", "clusters")
+
+
+def varied_blocks(key, b: int, h: int, nq: int, nk: int, density: float):
+    """Random kv blocks per query block, with per-row counts drawn uniformly from 1..2 density nk - 1 (mean
+    density x nk): the rows differ, as XAttention's do. Needs density <= (nk + 1) / (2 nk)."""
+    from pallas_kernels import BlockIndices
+
+    hi = round(2 * density * nk) - 1
+    if not 1 <= hi <= nk:
+        raise ValueError(f"density={density} cannot vary around its mean with {nk} blocks per row")
+    k1, k2 = jax.random.split(key)
+    counts = jax.random.randint(k1, (b, h, nq), 1, hi + 1).astype(jnp.int32)
+    idx = jnp.argsort(jax.random.uniform(k2, (b, h, nq, nk)), axis=-1).astype(jnp.int32)
+    return BlockIndices(jnp.where(jnp.arange(nk) < counts[..., None], idx, -1), counts)
+
+
+def _interleaved(fns: dict, reps: int) -> dict:
+    """{name: (median s, min s)} of jitted calls, compiled and warmed up first, then timed `reps` rounds with
+    every call once per round, so background load falls on all of them alike."""
+    for fn, args in fns.values():
+        jax.block_until_ready(fn(*args))
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, (fn, args) in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: (float(np.median(t)), float(np.min(t))) for name, t in times.items()}
+
+
+def attention_bench(tokens=(512, 4096), *, heads: int = 4, head_dim: int = 32, block: int = 16, tile_q: int = 32,
+                    cluster: int = 16, densities=BENCH_DENSITIES, reps: int = 20, seed: int = 0, log=print) -> dict:
+    """One attention call: dense XLA attention vs the gather path (and the jnp reference up to 1024 tokens).
+
+    Per token count, on random fp32 q, k, v (batch 1), at each density, for three kinds of selection:
+    - "blocks, equal rows": XAttention-style, every query block selects round(density x nk) random blocks of
+      `block` tokens;
+    - "blocks, varied rows": the same mean density with per-row counts spread from 1 to 2 x the mean (not
+      at densities above about 0.5, where there is no room);
+    - "clusters": SVG2-style key clusters of about `cluster` tokens and query tiles of `tile_q`, each cluster
+      selected per tile with probability density.
+    Reports the median and minimum of `reps` interleaved runs (fewer above 1024 tokens), the selected fraction
+    of the dense work, the fraction the gather path computes (`gather_work`, padding included), and at <= 1024
+    tokens its relative L2 difference from the reference.
+    """
+    from experiments.bench_kernels import AttnShape, random_blocks, random_clusters
+    from pallas_kernels import BlockIndices, block_sparse_attention_gather, cluster_sparse_attention_gather
+    from pallas_kernels.gather_sparse import gather_work
+    from pallas_kernels.reference import block_sparse_attention_reference, cluster_sparse_attention_reference
+
+    dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))
+    blk_g = jax.jit(lambda q, k, v, i, c: block_sparse_attention_gather(q, k, v, BlockIndices(i, c), block_q=block,
+                                                                        block_k=block))
+    blk_r = jax.jit(lambda q, k, v, i, c: block_sparse_attention_reference(q, k, v, BlockIndices(i, c),
+                                                                           block_q=block, block_k=block))
+    cl_g = jax.jit(lambda q, k, v, qr, kr: cluster_sparse_attention_gather(q, k, v, kr, q_ranges=qr, block_q=tile_q,
+                                                                           block_k=block))
+    cl_r = jax.jit(lambda q, k, v, qr, kr: cluster_sparse_attention_reference(q, k, v, kr, q_ranges=qr,
+                                                                              block_q=tile_q, block_k=block))
+    rows = []
+    for n in tokens:
+        keys = jax.random.split(jax.random.key(seed + n), 6)
+        q, k, v = (jax.random.normal(kk, (1, n, heads, head_dim), jnp.float32) for kk in keys[:3])
+        nb = -(-n // block)
+        with_ref = n <= 1024
+        fns, cases = {"dense": (dense, (q, k, v))}, []
+        for d in densities:
+            for kind in BENCH_KINDS:
+                if kind == "blocks, varied rows" and round(2 * d * nb) - 1 > nb:
+                    continue                    # a mean this high leaves no room to vary (density 1)
+                if kind == "clusters":
+                    qr, kr, _ = random_clusters(keys[5], AttnShape("bench", 1, n, heads, head_dim, tile_q, cluster), d)
+                    cnt = jnp.where(qr[..., 1] > 0, kr[..., 1].sum(-1), 0)
+                    sel = float(jnp.sum(qr[..., 1] * cnt)) / (heads * n * n)
+                    done = float(gather_work(cnt, n, row_len=tile_q)) * tile_q / (heads * n * n)
+                    gfn, rfn, args = cl_g, cl_r, (q, k, v, qr, kr)
+                else:
+                    make = random_blocks if kind.endswith("equal rows") else varied_blocks
+                    bi = make(keys[3 if kind.endswith("equal rows") else 4], 1, heads, nb, nb, d)
+                    sel = float(jnp.sum(bi.counts)) / (heads * nb * nb)
+                    done = float(gather_work(bi.counts, nb, row_len=block, unit=block)) / (heads * nb * nb)
+                    gfn, rfn, args = blk_g, blk_r, (q, k, v, bi.indices, bi.counts)
+                name = f"{kind} @ {d:g}"
+                fns[f"gather {name}"] = (gfn, args)
+                err = None
+                if with_ref:
+                    fns[f"reference {name}"] = (rfn, args)
+                    a, r = np.asarray(gfn(*args), np.float64), np.asarray(rfn(*args), np.float64)
+                    err = float(np.linalg.norm(a - r) / np.linalg.norm(r))
+                cases.append((name, kind, d, sel, done, err))
+        t = _interleaved(fns, reps if n <= 1024 else max(3, reps // 4))
+        for name, kind, d, sel, done, err in cases:
+            g, dn = t[f"gather {name}"], t["dense"]
+            row = {"tokens": n, "kind": kind, "density": d, "selected": round(sel, 4), "gathered": round(done, 4),
+                   "dense_ms": round(1e3 * dn[0], 3), "gather_ms": round(1e3 * g[0], 3),
+                   "gather_min_ms": round(1e3 * g[1], 3), "dense_min_ms": round(1e3 * dn[1], 3),
+                   "gather_vs_dense": round(g[0] / dn[0], 3), "reference_ms": None, "rel_l2_vs_reference": err}
+            if with_ref:
+                row["reference_ms"] = round(1e3 * t[f"reference {name}"][0], 3)
+            rows.append(row)
+            log(f"  {n} tokens, {name}: selected {sel:.3f}, gathered {done:.3f}, gather {row['gather_ms']} ms vs "
+                f"dense {row['dense_ms']} ms ({row['gather_vs_dense']:.2f}x)")
+    return {"heads": heads, "head_dim": head_dim, "block": block, "tile_q": tile_q, "cluster": cluster,
+            "reps": reps, "machine": f"{platform.machine()}, {jax.devices()[0].platform}",
+            "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
+
+
+def bench_markdown(bench: dict, level: str = "#") -> str:
+    lines = [f"{level} Attention microbenchmark: one call, dense XLA vs the gather path", "",
+             f"Batch 1, {bench['heads']} heads x {bench['head_dim']}, fp32, {bench['machine']}, {bench['date']}. "
+             f"Blocks of {bench['block']} tokens; clusters of about {bench['cluster']} key tokens with query tiles "
+             f"of {bench['tile_q']}. Median of {bench['reps']} interleaved runs (a quarter of that, at least 3, above "
+             "1024 tokens). 'selected' is the fraction of the dense query-key work the selection keeps; "
+             "'gathered' is what the gather path computes, padding to the bucket widths included.", "",
+             "| tokens | selection | density | selected | gathered | dense ms | gather ms (min) | reference ms | "
+             "gather / dense |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in bench["rows"]:
+        ref = "-" if r["reference_ms"] is None else f"{r['reference_ms']:.2f}"
+        lines.append(f"| {r['tokens']} | {r['kind']} | {r['density']:g} | {r['selected']:.3f} | {r['gathered']:.3f} | "
+                     f"{r['dense_ms']:.2f} | {r['gather_ms']:.2f} ({r['gather_min_ms']:.2f}) | {ref} | "
+                     f"{r['gather_vs_dense']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_bench(bench: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "attention_bench.json").write_text(json.dumps(bench, indent=1))
+    (out_dir / "attention_bench.md").write_text(bench_markdown(bench))
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -260,7 +436,7 @@ def run_table(cfg: TableConfig, out_dir: Path, log=print) -> dict:
             for variant in VARIANTS:
                 tmr = cfg.tmr if variant in ("tmr", "haste") else None
                 thresholds = solved.thresholds if variant in ("ebc", "haste") else np.full((L, H), thr, np.float32)
-                den = denoiser_for(model, base, tmr)
+                den = denoiser_for(model, base, tmr, cfg.implementation)
                 res = runner.run(f"{base}/{tmr is not None}", den, thresholds)
                 summ = sparse_summary(res["state"])
                 fid = fidelity(res["latents"], dense["latents"], prompts)
@@ -297,17 +473,21 @@ def run_table(cfg: TableConfig, out_dir: Path, log=print) -> dict:
                                                                        else 0.0)
                 r["attention_time_vs_dense"] = (pred + st["attend"]) / st["dense"]
                 r["prediction_time_share"] = pred / (pred + st["attend"])
+    log("[attention microbenchmark]")
+    bench = attention_bench(cfg.bench_tokens, reps=cfg.timing_reps, log=log)
+    write_bench(bench, out_dir)
     result = {"config": {**dataclasses.asdict(cfg), "tmr": dataclasses.asdict(cfg.tmr)}, "prompts": prompts,
               "model": training_info("t2v"), "machine": f"{platform.machine()}, {jax.devices()[0].platform}, "
               f"python {platform.python_version()}", "date": time.strftime("%Y-%m-%d %H:%M"),
-              "sparse_path": "jnp reference (masked dense attention); counters count the kernel's work",
-              "rows": rows, "timing_noise": noise, "stage_timings_ms": stages,
+              "implementation": cfg.implementation,
+              "sparse_path": IMPL_NOTE[cfg.implementation] + "; the counters count the kernels' work",
+              "rows": rows, "timing_noise": noise, "stage_timings_ms": stages, "attention_bench": bench,
               "total_seconds": round(time.perf_counter() - t_start, 1)}
     (out_dir / "table.json").write_text(json.dumps(result, indent=1, default=float))
     (out_dir / "table.md").write_text(markdown(result))
     plot(result, out_dir)
-    log(f"wrote {out_dir}/table.json, table.md, fidelity_vs_density.png, prediction_share.png "
-        f"({result['total_seconds']}s)")
+    log(f"wrote {out_dir}/table.json, table.md, attention_bench.json/.md, fidelity_vs_density.png, "
+        f"prediction_share.png ({result['total_seconds']}s)")
     return result
 
 
@@ -341,6 +521,7 @@ def markdown(res: dict) -> str:
     cfg = res["config"]
     rows = res["rows"]
     dense = rows[0]
+    impl = res.get("implementation", "reference")
     lines = ["# Sparse attention on the embedded text-to-video model", "",
              f"{len(res['prompts'])} held-out prompts, UniPC {cfg['steps']} steps, CFG {cfg['guidance']}, seed "
              f"{cfg['seed']}, one prompt per call; model checkpoint: {res['model'].get('steps')} training steps. "
@@ -364,12 +545,15 @@ def markdown(res: dict) -> str:
               "+ sparse attention, from the stage timings below.", "",
               "## Stage timings (ms per attention call, mean over layers, one prompt and branch, median of "
               f"{res['stage_timings_ms']['reps']} runs, step {res['stage_timings_ms']['step']})", "",
-              "| method | mask prediction | TMR drift check | sparse attention (jnp) | dense attention | "
-              "prediction share |", "|---|---:|---:|---:|---:|---:|"]
+              f"| method | mask prediction | TMR drift check | sparse attention ({impl}) | dense attention | "
+              "prediction share | pairs selected / dense | pairs the gather path computes / dense |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for base in cfg["bases"]:
         st = res["stage_timings_ms"][base]
+        frac = (f"{st['pairs_fraction']:.3f} | {st['gathered_fraction']:.3f}" if "gathered_fraction" in st
+                else "- | -")
         lines.append(f"| {BASE_LABEL[base]} | {st['predict']:.3f} | {st['check']:.3f} | {st['attend']:.3f} | "
-                     f"{st['dense']:.3f} | {100 * st['prediction_share']:.1f}% |")
+                     f"{st['dense']:.3f} | {100 * st['prediction_share']:.1f}% | {frac} |")
     lines.append("")
     for base in cfg["bases"]:
         st = res["stage_timings_ms"][base]
@@ -399,6 +583,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['base']} | {r['variant']} | {r['threshold']} | {r['density_sparse']:.3f} | "
                      f"{r['psnr']:.2f} | {r['ssim']:.4f} | {r['adherence']:.3f} | {100 * r['reuse_fraction']:.0f}% | "
                      f"{r['seconds']:.2f} |")
+    if "attention_bench" in res:
+        lines += ["", bench_markdown(res["attention_bench"], level="##")]
     return "\n".join(lines) + "\n"
 
 
@@ -438,7 +624,7 @@ def plot(res: dict, out_dir: Path) -> None:
             pred.append(r["prediction_time_share"] * r["attention_time_vs_dense"])
             attn.append((1 - r["prediction_time_share"]) * r["attention_time_vs_dense"])
     x = np.arange(len(names))
-    ax.bar(x, attn, label="sparse attention (jnp path)")
+    ax.bar(x, attn, label=f"sparse attention ({res.get('implementation', 'reference')})")
     ax.bar(x, pred, bottom=attn, label="mask prediction + TMR check")
     ax.axhline(1.0, color="k", ls="--", lw=0.8, label="dense attention")
     ax.set_xticks(x, names, fontsize=7)
@@ -464,6 +650,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timing-reps", type=int, default=d.timing_reps, help="runs per stage timing (median)")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed runs per method (minimum reported)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--implementation", choices=IMPLEMENTATIONS, default=d.implementation,
+                   help="how sparse attention runs (default here: %(default)s; kernel on GPU, gather elsewhere)")
+    p.add_argument("--bench-tokens", default=",".join(map(str, d.bench_tokens)),
+                   help="token counts of the attention microbenchmark")
+    p.add_argument("--bench-only", action="store_true",
+                   help="only run the attention microbenchmark; writes <out>/attention_bench.json and .md")
     p.add_argument("--out", default="results/sparse")
     p.add_argument("--render", default=None, metavar="TABLE_JSON",
                    help="only re-render table.md and the plots next to an existing table.json")
@@ -475,6 +667,12 @@ def main(argv: list[str] | None = None) -> None:
         (path.parent / "table.md").write_text(markdown(res))
         plot(res, path.parent)
         return
+    bench_tokens = tuple(int(x) for x in a.bench_tokens.split(",") if x)
+    if a.bench_only:
+        bench = attention_bench(bench_tokens, reps=a.timing_reps)
+        write_bench(bench, Path(a.out))
+        print(bench_markdown(bench))
+        return
     thresholds = tuple(float(x) for x in a.thresholds.split(","))
     main_thr = a.main_threshold if a.main_threshold in thresholds else thresholds[-1]
     bases = tuple(b for b in a.bases.split(",") if b)
@@ -485,7 +683,8 @@ def main(argv: list[str] | None = None) -> None:
                       bases=bases, cal_prompts=a.cal_prompts,
                       cal_positions=tuple(float(x) for x in a.cal_positions.split(",")),
                       tmr=dataclasses.replace(d.tmr, epsilon=a.epsilon, max_interval=a.max_interval),
-                      timing_reps=a.timing_reps, repeats=a.repeats)
+                      timing_reps=a.timing_reps, repeats=a.repeats, implementation=a.implementation,
+                      bench_tokens=bench_tokens)
     run_table(cfg, Path(a.out))
 
 

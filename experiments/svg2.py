@@ -8,8 +8,10 @@ when no centroid moves more than `kmeans_tol`); centroid attention S = C_q C_k^T
 size-weighted softmax over key clusters, P_ij ~ |K_j| exp(S_ij); per query cluster keep the sorted prefix
 up to and including the cluster whose cumulative probability crosses top_p, and at least
 floor(min_kc_ratio * k_c) clusters; permute Q by its labels and K, V by theirs so clusters are contiguous;
-run the variable-range Pallas kernel (`implementation="kernel"`) and inverse-permute the output. The jnp
-path (`"reference"`) applies the same cluster mask to unpermuted tokens with masked dense attention.
+run the variable-range Pallas kernel (`implementation="kernel"`) and inverse-permute the output. The
+gather path (`"gather"`) runs the same permuted ranges through plain jnp, each query tile over its selected
+key tokens only. The jnp reference path (`"reference"`) applies the same cluster mask to unpermuted tokens
+with masked dense attention.
 
 Choices and deviations (docs/sparse_attention.md): k-means is initialised from distinct random tokens
 (the reference draws with replacement, which can start two centroids on one token); the returned
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from pallas_kernels import clusters_to_ranges, cluster_sparse_attention
+from pallas_kernels import cluster_sparse_attention, cluster_sparse_attention_gather, clusters_to_ranges
 from pallas_kernels._common import ALLOWED_BLOCKS
 from pallas_kernels.reference import masked_attention
 from vidaccel.sparse_attention import IMPLEMENTATIONS, AttnContext, AttnSpec, Policy, PredictStats
@@ -53,7 +55,8 @@ class SVG2Config:
     kmeans_tol: early-stop centroid shift (1e-4); dense_step_fraction: first floor(f * steps) steps dense
     (0.2); dense_layer_fraction: first floor(f * layers) layers dense (0.03); block_q / block_k: the
     kernel's query tile and key chunk (128 / 64, the SVG Triton fallback's BLOCK_M / BLOCK_N);
-    implementation: "kernel" or "reference"; seed: k-means initialisation; interpret: kernel mode.
+    implementation: "kernel", "reference" (masked dense) or "gather" (plain jnp, selected keys only); seed:
+    k-means initialisation; interpret: kernel mode.
     """
 
     num_q_clusters: int = 300
@@ -260,8 +263,12 @@ def svg2(cfg: SVG2Config = SVG2Config()) -> Policy:
             mask = label_token_mask(plan.cluster_mask, plan.q_labels, plan.k_labels)
             return masked_attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]))
         qp, kp, vp = _per_head(q, plan.q_perm), _per_head(k, plan.k_perm), _per_head(v, plan.k_perm)
-        out = cluster_sparse_attention(qp, kp, vp, plan.kv_ranges, q_ranges=plan.q_ranges, block_q=cfg.block_q,
-                                       block_k=cfg.block_k, interpret=cfg.interpret)
+        if cfg.implementation == "gather":
+            out = cluster_sparse_attention_gather(qp, kp, vp, plan.kv_ranges, q_ranges=plan.q_ranges,
+                                                  block_q=cfg.block_q, block_k=cfg.block_k)
+        else:
+            out = cluster_sparse_attention(qp, kp, vp, plan.kv_ranges, q_ranges=plan.q_ranges, block_q=cfg.block_q,
+                                           block_k=cfg.block_k, interpret=cfg.interpret)
         return _per_head(out, plan.q_inv)
 
     def tiles_dense(spec: AttnSpec) -> float:

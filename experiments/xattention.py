@@ -8,7 +8,8 @@ scale by 1/(sqrt(d) * stride), softmax over all key groups, and sum the probabil
 (block, block) sub-grid to get a block importance A[I, J]. Each query block keeps the smallest prefix of
 its blocks, sorted by importance, whose mass reaches tau * (row total): block J is kept while the mass of
 the blocks sorted before it is still below tau * total. The selected blocks run through the Pallas
-block-sparse kernel (`implementation="kernel"`) or its jnp reference.
+block-sparse kernel (`implementation="kernel"`), its jnp reference (`"reference"`, masked dense) or the
+plain-jnp gather path (`"gather"`, selected blocks only).
 
 Published quirks, reproduced and named (see docs/sparse_attention.md):
 * `keep_first_block`: the reference selection redirects excluded positions to index 0, so key block 0 is
@@ -29,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from pallas_kernels import BlockIndices, block_mask_to_indices, block_sparse_attention
+from pallas_kernels import (BlockIndices, block_mask_to_indices, block_sparse_attention,
+                            block_sparse_attention_gather)
 from pallas_kernels._common import ALLOWED_BLOCKS
 from pallas_kernels.reference import block_sparse_attention_reference
 from vidaccel.sparse_attention import IMPLEMENTATIONS, AttnContext, AttnSpec, Policy, PredictStats
@@ -42,8 +44,9 @@ class XAttentionConfig:
     threshold: tau, a float, a per-head (heads,) or per-(layer, head) (layers, heads) sequence (0.9).
     stride: antidiagonal stride S (8). block_size: block edge in tokens (128; the kernel takes 16..128).
     warmup_steps: first steps run dense (5 of 50). dense_layers: layers always dense (none).
-    keep_first_block: reproduce the block-0 quirk (True). implementation: "kernel" (Pallas) or "reference"
-    (jnp masked attention, same result, dense cost). interpret: passed to the kernel (None = automatic).
+    keep_first_block: reproduce the block-0 quirk (True). implementation: "kernel" (Pallas), "reference"
+    (jnp masked attention, same result, dense cost) or "gather" (plain jnp over the selected blocks only,
+    same result, real savings under plain XLA). interpret: passed to the kernel (None = automatic).
     """
 
     threshold: float | tuple = 0.9
@@ -176,6 +179,8 @@ def xattention(cfg: XAttentionConfig = XAttentionConfig()) -> Policy:
         bi = BlockIndices(plan.indices, plan.counts)
         if cfg.implementation == "kernel":
             return block_sparse_attention(q, k, v, bi, block_q=bs, block_k=bs, interpret=cfg.interpret)
+        if cfg.implementation == "gather":
+            return block_sparse_attention_gather(q, k, v, bi, block_q=bs, block_k=bs)
         return block_sparse_attention_reference(q, k, v, bi, block_q=bs, block_k=bs)
 
     def tiles_dense(spec: AttnSpec) -> float:

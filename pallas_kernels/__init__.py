@@ -5,15 +5,20 @@
 * `quantized_kv_attention`: a query chunk over an int8 / int4 KV cache plus a full-precision window.
 
 Each runs compiled on GPU and in Pallas interpret mode elsewhere (`interpret=None`); `reference` holds the
-pure-jnp versions with the same signatures. See docs/kernels.md.
+pure-jnp versions with the same signatures (masked dense attention: same result, dense cost).
+`block_sparse_attention_gather` / `cluster_sparse_attention_gather` (`gather_sparse`) are plain-jnp versions
+of the two sparse kernels that gather the selected keys and skip the rest, for real sparse timings on CPU.
+See docs/kernels.md.
 """
 
 from pallas_kernels._indices import (BlockIndices, block_mask_to_indices, index_list_to_indices,
                                      indices_to_block_mask, shrink_indices, token_mask_to_block_mask)
 from pallas_kernels._ranges import clusters_to_ranges, fixed_q_ranges
 from pallas_kernels.block_sparse import block_sparse_attention, cluster_sparse_attention
+from pallas_kernels.gather_sparse import block_sparse_attention_gather, cluster_sparse_attention_gather
 from pallas_kernels.quantized_kv import quantized_kv_attention
 
 __all__ = ["BlockIndices", "block_mask_to_indices", "index_list_to_indices", "indices_to_block_mask",
            "shrink_indices", "token_mask_to_block_mask", "clusters_to_ranges", "fixed_q_ranges",
-           "block_sparse_attention", "cluster_sparse_attention", "quantized_kv_attention"]
+           "block_sparse_attention", "cluster_sparse_attention", "block_sparse_attention_gather",
+           "cluster_sparse_attention_gather", "quantized_kv_attention"]

@@ -73,8 +73,8 @@ SMALL = dict(num_q_clusters=4, num_k_clusters=8, block_q=16, block_k=16, dense_s
 
 def test_keep_all_equals_dense_and_kernel_equals_jnp_path():
     """One model call past the warm-up: top_p = 1 equals dense (<= 1e-5); at top_p 0.5 the permuted
-    variable-range Pallas kernel (interpret mode) and the unpermuted jnp label-mask path agree, with identical
-    counters."""
+    variable-range Pallas kernel (interpret mode), the permuted plain-jnp gather path and the unpermuted jnp
+    label-mask path agree, with identical counters."""
     model = _model()
     dense, _ = _forward(wan_denoiser(model), 0)
     den = lambda impl: sparse_attention(wan_denoiser(model), svg2(SVG2Config(implementation=impl, **SMALL)))  # noqa
@@ -83,10 +83,11 @@ def test_keep_all_equals_dense_and_kernel_equals_jnp_path():
     assert _rel(v_all, dense) <= 1e-5
     v_ref, s_ref = _forward(ref, 3, 0.5)
     v_ker, s_ker = _forward(den("kernel"), 3, 0.5)
-    assert _rel(v_ker, v_ref) <= 1e-5
+    v_gat, s_gat = _forward(den("gather"), 3, 0.5)
+    assert _rel(v_ker, v_ref) <= 1e-5 and _rel(v_gat, v_ref) <= 1e-5
     assert _rel(v_ref, dense) > 1e-3
     sr, sk = sparse_summary(s_ref), sparse_summary(s_ker)
-    assert sr == sk and 0 < sr["density_sparse"] < 0.9 and sr["predictions"] == 2
+    assert sr == sk == sparse_summary(s_gat) and 0 < sr["density_sparse"] < 0.9 and sr["predictions"] == 2
 
 
 def test_state_per_layer_and_branch():

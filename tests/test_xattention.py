@@ -69,7 +69,8 @@ def test_block_work_counts_partial_blocks():
 
 def test_keep_all_equals_dense_and_kernel_equals_jnp_path():
     """One model call past the warm-up: tau = 1 (every block) equals dense attention (<= 1e-5 relative); at
-    tau 0.5 the Pallas kernel (interpret mode) and the jnp path agree, with identical counters."""
+    tau 0.5 the Pallas kernel (interpret mode), the plain-jnp gather path and the jnp reference path agree,
+    with identical counters."""
     model = _model()
     dense, _ = _forward(wan_denoiser(model), 0)
     den = lambda impl: sparse_attention(wan_denoiser(model), xattention(  # noqa: E731
@@ -79,10 +80,12 @@ def test_keep_all_equals_dense_and_kernel_equals_jnp_path():
     assert _rel(v_all, dense) <= 1e-5 and sparse_summary(s_all)["density_sparse"] == 1.0
     v_ref, s_ref = _forward(ref, 3, 0.5)
     v_ker, s_ker = _forward(den("kernel"), 3, 0.5)
-    assert _rel(v_ker, v_ref) <= 1e-5
+    v_gat, s_gat = _forward(den("gather"), 3, 0.5)
+    assert _rel(v_ker, v_ref) <= 1e-5 and _rel(v_gat, v_ref) <= 1e-5
     assert _rel(v_ref, dense) > 1e-3                   # the mask really dropped something
     sr, sk = sparse_summary(s_ref), sparse_summary(s_ker)
-    assert sr == sk and 0 < sr["density_sparse"] < 0.9 and sr["tile_density"] == sr["density_sparse"]
+    assert sr == sk == sparse_summary(s_gat)
+    assert 0 < sr["density_sparse"] < 0.9 and sr["tile_density"] == sr["density_sparse"]
     assert sr["sparse_calls"] == sr["predictions"] == 2
 
 

@@ -8,8 +8,9 @@ A `Policy` splits sparse attention into the two stages every method here shares:
 * `predict(q, k, layer_state, ctx) -> (plan, layer_state, PredictStats)`: the mask prediction (XAttention's
   antidiagonal estimate, SVG2's k-means and centroid top-p). HASTE's Temporal Mask Reuse wraps it in a
   `lax.cond` that returns the stored plan instead.
-* `attend(q, k, v, plan, ctx) -> out`: the sparse attention itself, through a Pallas kernel or its jnp
-  reference.
+* `attend(q, k, v, plan, ctx) -> out`: the sparse attention itself. `IMPLEMENTATIONS` names the ways a
+  policy can run it: "kernel" (the Pallas kernel), "reference" (its jnp reference) or "gather" (plain jnp
+  over the selected keys only, `pallas_kernels.gather_sparse`).
 
 The hook gives every layer its own policy state (stacked on a leading layer axis and threaded through the
 layer scan), its own row of per-head thresholds (`SparseState.thresholds`, (layers, heads), traced, so a
@@ -21,8 +22,10 @@ policy entirely (`lax.cond`).
 Counters (`SparseCounters`, per layer) record the work actually scheduled: attention calls, dense calls,
 mask predictions run and reused, query-key pairs and kernel tiles computed per head in sparse calls, and
 the FLOPs of mask prediction and of TMR's drift check. `sparse_summary` turns them into densities and
-ratios. The counters count what the sparse kernel computes; the jnp reference path
-(`implementation="reference"`) computes a masked dense attention instead (same result, dense cost).
+ratios. The counters count what the sparse kernel computes. The other paths give the same result at
+different cost: the jnp reference (`implementation="reference"`) computes a masked dense attention, and the
+gather path (`"gather"`) computes the selected work plus padding up to static bucket widths
+(`gather_sparse.gather_work`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from flax import nnx, struct
 from vidaccel.attention import dense_attention
 from vidaccel.transforms import Denoiser, DenoiseSpec, Stages, add_work, staged_apply
 
-IMPLEMENTATIONS = ("kernel", "reference")
+IMPLEMENTATIONS = ("kernel", "reference", "gather")
 
 
 @dataclasses.dataclass(frozen=True)
