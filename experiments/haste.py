@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from experiments import RESULTS_ROOT
 from vidaccel.sparse_attention import AttnContext, AttnSpec, Policy, PredictStats, find_sparse_state, sparse_attention
 
 DRIFTS = ("logits", "qk")
@@ -536,8 +537,8 @@ def base_policy(name: str, threshold: float | None = None, implementation: str =
 
 
 SHAPES_TMR = TMRConfig(pool_block=32)        # 512 tokens -> 16 pooled blocks (Wan 720p: 591 blocks of 128)
-DEFAULT_EBC_PATHS = {"xattention": Path("results/sparse/ebc_xattention.json"),
-                     "svg2": Path("results/sparse/ebc_svg2.json")}
+DEFAULT_EBC_PATHS = {"xattention": RESULTS_ROOT / "sparse" / "ebc_xattention.json",
+                     "svg2": RESULTS_ROOT / "sparse" / "ebc_svg2.json"}
 
 
 def haste_shapes(model, base: str = "xattention", *, ebc="default", tmr: TMRConfig | None = SHAPES_TMR,

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from experiments import RESULTS_ROOT
 from vidaccel.residual_cache import INDICATORS, ResidualCacheConfig, relative_l1, residual_cache
 from vidaccel.transforms import Denoiser, DenoiseSpec
 
@@ -167,7 +168,7 @@ def calibrate(den: Denoiser, noise: jax.Array, context: jax.Array, *, solver, in
 
 
 # ----------------------------------------------------------------------------------- the embedded t2v model
-T2V_CALIBRATION = Path("results/caching/teacache_t2v.json")
+T2V_CALIBRATION = RESULTS_ROOT / "caching" / "teacache_t2v.json"
 DEFAULT_TARGETS = (("slow", 0.5), ("fast", 0.3))
 
 

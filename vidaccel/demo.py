@@ -26,27 +26,38 @@ def _dense(model):
     return wan_denoiser(model)
 
 
-# name -> builder(model) -> Denoiser. Accelerated methods register here as they land.
-DEMO_METHODS: dict[str, Callable] = {"dense": _dense}
+def _teacache(model):
+    from experiments.teacache import shapes_t2v_teacache
+
+    return shapes_t2v_teacache(model)
+
+
+def _teacache_note() -> str:
+    from experiments.teacache import T2V_CALIBRATION
+
+    if T2V_CALIBRATION.exists():
+        return f"TeaCache slow: coefficients and threshold from {T2V_CALIBRATION.name} (experiments.cache_table)"
+    return "TeaCache slow: calibrated on the spot on 2 prompts (no results/caching/teacache_t2v.json)"
 
 
 def _haste_xattn(model):
-    """HASTE on XAttention: TMR, plus the EBC table of `results/sparse/ebc_xattention.json` when it exists."""
     from experiments.haste import haste_shapes
 
     return haste_shapes(model, "xattention")
 
 
-DEMO_METHODS["haste_xattn"] = _haste_xattn
+def _haste_note() -> str:
+    from experiments.haste import DEFAULT_EBC_PATHS
+
+    path = DEFAULT_EBC_PATHS["xattention"]
+    if path.exists():
+        return f"HASTE on XAttention: temporal mask reuse + per-head thresholds from {path.name} (EBC)"
+    return "HASTE on XAttention: temporal mask reuse, shared threshold (no EBC table in results/sparse/)"
 
 
-def _teacache(model):
-    from experiments.teacache import shapes_t2v_teacache
-
-    return shapes_t2v_teacache(model)       # calibrated by `python -m experiments.cache_table` (or on the spot)
-
-
-DEMO_METHODS["teacache"] = _teacache
+# name -> builder(model) -> Denoiser, and what each accelerated run uses (printed in the report).
+DEMO_METHODS: dict[str, Callable] = {"dense": _dense, "teacache": _teacache, "haste_xattn": _haste_xattn}
+DEMO_NOTES: dict[str, Callable[[], str]] = {"teacache": _teacache_note, "haste_xattn": _haste_note}
 
 
 def write_gif(videos: np.ndarray, path: Path, scale: int = GIF_SCALE, fps: int = 8) -> None:
@@ -101,6 +112,8 @@ def run_demo(out_dir: Path = DEFAULT_OUT, *, num_prompts: int = 4, steps: int = 
             row.update(speedup=round(dense_seconds / gen.seconds, 3),
                        psnr_vs_dense=round(float(np.mean(psnr(x, ref))), 2),      # psnr/ssim are per video
                        ssim_vs_dense=round(float(np.mean(ssim(x, ref))), 4))
+        if name in DEMO_NOTES:
+            row["setup"] = DEMO_NOTES[name]()
         rows.append(row)
     report = {"prompts": prompts, "seed": seed, "steps": steps, "guidance": guidance, "solver": "unipc",
               "model": training_info("t2v"), "machine": f"{platform.machine()}, {platform.python_version()}",
@@ -110,6 +123,7 @@ def run_demo(out_dir: Path = DEFAULT_OUT, *, num_prompts: int = 4, steps: int = 
     md = ["# vidaccel demo", "", "Prompts (GIF columns, left to right):", ""]
     md += [f"{i + 1}. {p}" for i, p in enumerate(prompts)]
     md += ["", f"UniPC {steps} steps, CFG {guidance}, seed {seed}; seconds = a compiled second run.", "", table, ""]
+    md += [f"- {r['method']}: {r['setup']}" for r in rows if "setup" in r] + [""]
     (out_dir / "report.md").write_text("\n".join(md))
     log(table)
     log(f"wrote {out_dir}/report.md, report.json and {', '.join(f'{m}.gif' for m in methods)}")
