@@ -2,8 +2,9 @@
 
 For each method in `DEMO_METHODS` it samples the same prompts from the same noise (UniPC, CFG), writes a GIF
 grid (one column per prompt, upscaled), and reports wall time (a second, compiled run), speed-up over dense,
-model calls, prompt adherence, and PSNR/SSIM against the dense run. Everything lands in one output folder
-(`report.json`, `report.md`, `<method>.gif`) and a summary table is printed.
+model calls and block-stack passes (TeaCache skips passes, not calls), prompt adherence, and PSNR/SSIM
+against the dense run. Everything lands in one output folder (`report.json`, `report.md`, `<method>.gif`) and
+a summary table is printed.
 """
 
 from __future__ import annotations
@@ -99,10 +100,10 @@ def run_demo(out_dir: Path = DEFAULT_OUT, *, num_prompts: int = 4, steps: int = 
         first = generate_t2v(den, prompts, seed=seed, steps=steps, guidance=guidance)
         gen = generate_t2v(den, prompts, seed=seed, steps=steps, guidance=guidance, progress=f"{name}")
         adh = adherence(gen.videos, prompts)
-        calls = total_work(gen.state)["calls"]
+        work = total_work(gen.state)
         write_gif(gen.videos, out_dir / f"{name}.gif")
         row = {"method": name, "seconds": round(gen.seconds, 3), "first_call_seconds": round(first.seconds, 3),
-               "model_calls": calls, "adherence": round(adh["score"], 4),
+               "model_calls": work["calls"], "block_passes": work["block_passes"], "adherence": round(adh["score"], 4),
                "adherence_per_prompt": [round(r["score"], 4) for r in adh["per_video"]]}
         if name == "dense":
             dense_videos, dense_seconds = gen.videos, gen.seconds
@@ -131,9 +132,11 @@ def run_demo(out_dir: Path = DEFAULT_OUT, *, num_prompts: int = 4, steps: int = 
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| method | seconds | speed-up | model calls | adherence | PSNR vs dense | SSIM vs dense |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    head = ("| method | seconds | speed-up | model calls | block-stack passes | adherence | PSNR vs dense "
+            "| SSIM vs dense |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['seconds']:.2f} | {r.get('speedup', 1.0):.2f}x | {r['model_calls']} | "
-                     f"{r['adherence']:.3f} | {r.get('psnr_vs_dense', '-')} | {r.get('ssim_vs_dense', '-')} |")
+                     f"{r['block_passes']} | {r['adherence']:.3f} | {r.get('psnr_vs_dense', '-')} | "
+                     f"{r.get('ssim_vs_dense', '-')} |")
     return "\n".join(lines)
