@@ -158,3 +158,10 @@ def test_storage_errors():
         RolloutConfig(kv_storage="fp8")
     with pytest.raises(ValueError, match="multiples of the key group size 32"):
         rollout(model, noise, ctx, solver=euler(2), config=RolloutConfig(kv_storage="int8"))
+
+
+def test_kv_cache_bytes_refuses_a_state_without_a_chunk_denoiser():
+    from vidaccel.transforms import DenseState, Work
+
+    with pytest.raises(ValueError, match="no ChunkState inside DenseState; was the denoiser built with chunk_denoiser"):
+        kv_cache_bytes({"cond": DenseState(Work.zero())})

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx, struct
 
 from vidaccel.attention import dense_attention
-from vidaccel.transforms import Denoiser, DenoiseSpec, Stages, add_work, staged_apply
+from vidaccel.transforms import Denoiser, DenoiseSpec, Stages, add_work, find_state, staged_apply
 
 IMPLEMENTATIONS = ("kernel", "reference", "gather")
 
@@ -257,12 +257,7 @@ def sparse_attention(den: Denoiser, policy: Policy) -> Denoiser:
 
 def find_sparse_state(state) -> SparseState:
     """The `SparseState` inside a denoiser state (following `inner` through step-level wrappers)."""
-    while not isinstance(state, SparseState):
-        if not hasattr(state, "inner"):
-            raise ValueError(f"no SparseState inside {type(state).__name__}; was the denoiser built with "
-                             "sparse_attention?")
-        state = state.inner
-    return state
+    return find_state(state, SparseState, "; was the denoiser built with sparse_attention?")
 
 
 def with_thresholds(state: SparseState, table) -> SparseState:

@@ -85,6 +85,15 @@ class Denoiser:
     commit: Callable[..., Any] | None = None
 
 
+def find_state(state, cls: type, hint: str = ""):
+    """The `cls` instance inside a denoiser state, following `inner` through method wrappers."""
+    while not isinstance(state, cls):
+        if not hasattr(state, "inner"):
+            raise ValueError(f"no {cls.__name__} inside {type(state).__name__}{hint}")
+        state = state.inner
+    return state
+
+
 def work_of(state) -> Work:
     """The work counters of a denoiser state (following `inner` through method wrappers)."""
     while not hasattr(state, "work") and hasattr(state, "inner"):

@@ -52,7 +52,7 @@ from vidaccel.checks import int_arg
 from vidaccel.kv_compression import KVCompressionConfig, compress_cache, compression_due
 from vidaccel.kvcache import SCALE_DTYPES
 from vidaccel.sampling import check_guidance, denoise_loop, init_branches, progress_bar
-from vidaccel.transforms import DenoiseSpec, Denoiser, Stages, Work, staged_apply
+from vidaccel.transforms import DenoiseSpec, Denoiser, Stages, Work, find_state, staged_apply
 
 KV_MODES = ("clean", "last_step")
 
@@ -324,11 +324,7 @@ def _num_chunks(den: Denoiser, noise) -> int:
 
 def chunk_state_of(state) -> ChunkState:
     """The chunk denoiser's state inside a (possibly method-wrapped) state, following `inner`."""
-    while not isinstance(state, ChunkState):
-        if not hasattr(state, "inner"):
-            raise TypeError(f"{type(state).__name__} holds no chunk denoiser state")
-        state = state.inner
-    return state
+    return find_state(state, ChunkState, "; was the denoiser built with chunk_denoiser?")
 
 
 def kv_cache_bytes(state) -> int:
