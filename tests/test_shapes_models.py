@@ -10,7 +10,7 @@ from flax import nnx
 
 from models.shapes.latents import LATENT_CHANNELS, LATENT_FRAMES, TEXT_DIM
 from models.shapes.pretrained import load_shapes_model, training_info
-from models.shapes.train import TrainConfig, make_batch, shapes_config, train
+from models.shapes.train import TrainConfig, lr_schedule, main as train_main, make_batch, shapes_config, train
 
 
 @pytest.mark.parametrize("name", ["t2v", "ar"])
@@ -44,6 +44,18 @@ def test_batches_are_pure_in_seed_and_step():
     assert t2v.shape == (4, 1) and (t2v > 0).all()
 
 
+def test_lr_schedule_warmup_constant_cooldown():
+    const = lr_schedule(TrainConfig("t2v", steps=1000, lr=1e-3, warmup=100))
+    assert float(const(0)) == 0.0 and float(const(50)) == pytest.approx(5e-4)
+    assert float(const(100)) == pytest.approx(1e-3) and float(const(999)) == pytest.approx(1e-3)
+    cool = lr_schedule(TrainConfig("t2v", steps=1000, lr=1e-3, warmup=100, cooldown=400))
+    assert float(cool(600)) == pytest.approx(1e-3)            # the decay starts at steps - cooldown
+    assert float(cool(800)) == pytest.approx(5e-4)
+    assert float(cool(1000)) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(SystemExit):                            # a cooldown longer than the run after warm-up
+        train_main(["t2v", "--steps", "300", "--cooldown", "250"])
+
+
 @pytest.mark.slow
 def test_training_resumes_exactly(tmp_path):
     """2 steps, then resumed to 3, give the same EMA weights as 3 steps straight (batches are pure in the step)."""
@@ -71,3 +83,14 @@ def test_demo_writes_report_and_gifs(tmp_path):
     assert "| dense |" in (tmp_path / "report.md").read_text()
     with pytest.raises(ValueError, match="unknown demo method"):
         run_demo(tmp_path, methods=["magic"])
+
+
+def test_diagnosis_denoises_noised_ground_truth():
+    """At noise level 0 the x0 estimate is the ground truth; at 0.1 the trained model must restore it."""
+    from experiments.shapes_diagnose import denoise_by_level
+    from models.shapes import sample_prompts
+
+    rows = denoise_by_level(load_shapes_model("t2v"), sample_prompts(2, 0, "heldout"), seed=0, levels=(0.0, 0.1))
+    assert [r["noise_level"] for r in rows] == [0.0, 0.1]
+    assert rows[0]["x0_mse"] == 0.0 and rows[0]["score"] >= 0.98
+    assert rows[1]["x0_mse"] < 0.05 and rows[1]["score"] >= 0.9

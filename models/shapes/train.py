@@ -1,6 +1,7 @@
 """Train the shapes world's two tiny Wan models with flow matching (optax AdamW + EMA), resumably.
 
     python -m models.shapes.train t2v --steps 4000          # bidirectional text-to-video
+    python -m models.shapes.train t2v --steps 5000 --cooldown 1500   # lr decays to 0 over the last 1500 steps
     python -m models.shapes.train ar  --steps 4000          # AR chunk model, diffusion forcing
     python -m models.shapes.train ar  --init-from models/shapes/checkpoints/t2v   # ... fine-tuned from t2v
 
@@ -77,6 +78,7 @@ class TrainConfig:
     save_every: int = 250
     latent_frames: int = LATENT_FRAMES
     init_from: str | None = None  # an exported model folder whose weights start the run
+    cooldown: int = 0             # the last `cooldown` steps decay the lr linearly to 0 (0: constant to the end)
 
 
 def make_batch(tc: TrainConfig, step: int) -> dict[str, np.ndarray]:
@@ -112,9 +114,21 @@ def _batches(tc: TrainConfig, start: int, stop: int):
         yield q.get()
 
 
+def lr_schedule(tc: TrainConfig):
+    """Linear warm-up to `lr`, constant, then (with `cooldown`) a linear decay to 0 over the last steps.
+
+    The schedule is a function of the step alone, so a run resumed with a cooldown (e.g. the committed
+    constant-lr state continued with `--steps 5500 --cooldown 2000`) decays from where it stands.
+    """
+    parts, bounds = [optax.linear_schedule(0.0, tc.lr, tc.warmup), optax.constant_schedule(tc.lr)], [tc.warmup]
+    if tc.cooldown:
+        parts.append(optax.linear_schedule(tc.lr, 0.0, tc.cooldown))
+        bounds.append(tc.steps - tc.cooldown)
+    return optax.join_schedules(parts, bounds)
+
+
 def _optimizer(tc: TrainConfig):
-    sched = optax.join_schedules([optax.linear_schedule(0.0, tc.lr, tc.warmup), optax.constant_schedule(tc.lr)],
-                                 [tc.warmup])
+    sched = lr_schedule(tc)
     return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
                        optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=tc.weight_decay))
 
@@ -226,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=TrainConfig.batch)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--cooldown", type=int, default=0,
+                   help="decay the lr linearly to 0 over the last N steps (default: constant lr to the end)")
     p.add_argument("--save-every", type=int, default=TrainConfig.save_every)
     p.add_argument("--run-dir", type=Path, default=None, help="default runs/shapes/<name>")
     p.add_argument("--export", type=Path, default=None, help="default models/shapes/checkpoints/<name>")
@@ -235,10 +251,13 @@ def main(argv: list[str] | None = None) -> None:
     for flag, v in (("--steps", a.steps), ("--batch", a.batch), ("--save-every", a.save_every)):
         if v < 1:
             p.error(f"{flag}={v} must be >= 1")
+    if not 0 <= a.cooldown <= a.steps - TrainConfig.warmup:
+        p.error(f"--cooldown={a.cooldown} is invalid; allowed: 0 to --steps minus the {TrainConfig.warmup} "
+                f"warm-up steps ({a.steps - TrainConfig.warmup})")
     if a.init_from is not None and not (a.init_from / "wan_config.json").exists():
         p.error(f"--init-from {a.init_from}: not an exported model folder (no wan_config.json)")
     tc = TrainConfig(a.name, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, save_every=a.save_every,
-                     init_from=None if a.init_from is None else str(a.init_from))
+                     init_from=None if a.init_from is None else str(a.init_from), cooldown=a.cooldown)
     train(tc, a.run_dir or Path("runs/shapes") / a.name, a.export or CHECKPOINT_ROOT / a.name)
 
 
