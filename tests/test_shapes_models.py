@@ -52,8 +52,16 @@ def test_lr_schedule_warmup_constant_cooldown():
     assert float(cool(600)) == pytest.approx(1e-3)            # the decay starts at steps - cooldown
     assert float(cool(800)) == pytest.approx(5e-4)
     assert float(cool(1000)) == pytest.approx(0.0, abs=1e-12)
-    with pytest.raises(SystemExit):                            # a cooldown longer than the run after warm-up
+    for bad in (-1, 901):                                      # negative, or longer than the run after warm-up
+        with pytest.raises(ValueError, match=f"cooldown={bad} is invalid; allowed: 0 \\(none\\) or 1 to steps"):
+            TrainConfig("t2v", steps=1000, warmup=100, cooldown=bad)
+
+
+def test_train_cli_refuses_a_bad_cooldown(capsys):
+    with pytest.raises(SystemExit):
         train_main(["t2v", "--steps", "300", "--cooldown", "250"])
+    assert "--cooldown=250 is invalid; allowed: 0 (none) or 1 to steps minus the 200 warm-up steps (100)" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.slow

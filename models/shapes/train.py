@@ -80,6 +80,11 @@ class TrainConfig:
     init_from: str | None = None  # an exported model folder whose weights start the run
     cooldown: int = 0             # the last `cooldown` steps decay the lr linearly to 0 (0: constant to the end)
 
+    def __post_init__(self):
+        if self.cooldown and not 0 < self.cooldown <= self.steps - self.warmup:
+            raise ValueError(f"cooldown={self.cooldown} is invalid; allowed: 0 (none) or 1 to steps minus the "
+                             f"{self.warmup} warm-up steps ({self.steps - self.warmup})")
+
 
 def make_batch(tc: TrainConfig, step: int) -> dict[str, np.ndarray]:
     """Batch `step` of a run: clean latents, text context (some dropped), noise, noise levels; pure in (seed, step)."""
@@ -118,7 +123,7 @@ def lr_schedule(tc: TrainConfig):
     """Linear warm-up to `lr`, constant, then (with `cooldown`) a linear decay to 0 over the last steps.
 
     The schedule is a function of the step alone, so a run resumed with a cooldown (e.g. the committed
-    constant-lr state continued with `--steps 5500 --cooldown 2000`) decays from where it stands.
+    constant-lr state at step 3,500 continued with `--steps 5000 --cooldown 1500`) decays from where it stands.
     """
     parts, bounds = [optax.linear_schedule(0.0, tc.lr, tc.warmup), optax.constant_schedule(tc.lr)], [tc.warmup]
     if tc.cooldown:
@@ -251,13 +256,13 @@ def main(argv: list[str] | None = None) -> None:
     for flag, v in (("--steps", a.steps), ("--batch", a.batch), ("--save-every", a.save_every)):
         if v < 1:
             p.error(f"{flag}={v} must be >= 1")
-    if not 0 <= a.cooldown <= a.steps - TrainConfig.warmup:
-        p.error(f"--cooldown={a.cooldown} is invalid; allowed: 0 to --steps minus the {TrainConfig.warmup} "
-                f"warm-up steps ({a.steps - TrainConfig.warmup})")
     if a.init_from is not None and not (a.init_from / "wan_config.json").exists():
         p.error(f"--init-from {a.init_from}: not an exported model folder (no wan_config.json)")
-    tc = TrainConfig(a.name, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, save_every=a.save_every,
-                     init_from=None if a.init_from is None else str(a.init_from), cooldown=a.cooldown)
+    try:
+        tc = TrainConfig(a.name, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, save_every=a.save_every,
+                         init_from=None if a.init_from is None else str(a.init_from), cooldown=a.cooldown)
+    except ValueError as e:
+        p.error(f"--{e}")
     train(tc, a.run_dir or Path("runs/shapes") / a.name, a.export or CHECKPOINT_ROOT / a.name)
 
 
