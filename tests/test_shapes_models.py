@@ -102,3 +102,11 @@ def test_diagnosis_denoises_noised_ground_truth():
     assert [r["noise_level"] for r in rows] == [0.0, 0.1]
     assert rows[0]["x0_mse"] == 0.0 and rows[0]["score"] >= 0.98
     assert rows[1]["x0_mse"] < 0.05 and rows[1]["score"] >= 0.9
+
+
+def test_diagnosis_cli_refuses_no_prompts(capsys):
+    from experiments.shapes_diagnose import main as diagnose_main
+
+    with pytest.raises(SystemExit):
+        diagnose_main(["--n", "0"])
+    assert "--n=0 must be >= 1" in capsys.readouterr().err
