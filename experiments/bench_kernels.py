@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels as pk
-from vidaccel import kvcache as kv
+from pallas_kernels import kv_quantization as kv
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vidaccel.transforms import branch_states
+
 RESULTS = Path("results/caching")
 METHOD_ORDER = ("vanilla", "teacache-slow", "teacache-fast", "flowcache-slow", "flowcache-fast",
                 "flowcache-magi-slow", "flowcache-magi-fast", "flowcache-slow+kvc", "flowcache-slow+window",
@@ -91,19 +93,15 @@ def flops(model_cfg, work: dict, attn_pairs: float, tokens_per_call: int, text_l
                  + attn_pairs * 4 * d + work["calls"] * per_call)
 
 
-def _branches(state):
-    return list(state.values()) if isinstance(state, dict) else [state]
-
-
 def _counters(state) -> dict:
     """Counters of one rollout, summed over CFG branches."""
     from models.ar.rollout import chunk_state_of, kv_cache_bytes
     from vidaccel.transforms import total_work
 
     out = dict(total_work(state))
-    out["attn_pairs"] = float(sum(float(chunk_state_of(s).attn_pairs) for s in _branches(state)))
+    out["attn_pairs"] = float(sum(float(chunk_state_of(s).attn_pairs) for s in branch_states(state)))
     out["kv_bytes"] = kv_cache_bytes(state)
-    for s in _branches(state):
+    for s in branch_states(state):
         cache = chunk_state_of(s).cache
         if getattr(cache, "head_frames", None) is not None:     # per-head KV compression: frames kept at the end
             hf = np.asarray(cache.head_frames)[:, :, np.asarray(cache.valid)]
@@ -226,7 +224,7 @@ def mc_fraction(model, setup: Setup, rollout_config, frames: int, thresh: float,
     out = rollout(motioncache(chunk_denoiser(model, rollout_config), cfg), noise, ctx, solver=unipc(setup.steps),
                   guidance=setup.guidance, negative_context=jnp.zeros_like(ctx))
     dense = 2 * setup.calib_n * setup.steps * _tokens(model.cfg, noise.shape[1:4])
-    return sum(int(s.selected) for s in _branches(out.state)) / dense
+    return sum(int(s.selected) for s in branch_states(out.state)) / dense
 
 
 def choose_mc_threshold(fraction_of, target: float, start: float, log, *, iters: int = 6,
@@ -405,7 +403,8 @@ def run_t2v(setup: Setup, out_dir: Path, log) -> dict:
     from experiments.teacache import calibrate_shapes_t2v, shapes_t2v_teacache
     from models.shapes import adherence, sample_prompts
     from models.shapes.pretrained import generate_t2v, load_shapes_model
-    from vidaccel.transforms import total_work, wan_denoiser
+    from vidaccel.transforms import total_work
+    from models.wan.denoiser import wan_denoiser
 
     model = load_shapes_model("t2v")
     log(f"[t2v] calibrating TeaCache on {setup.calib_n} training prompts ...")

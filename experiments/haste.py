@@ -361,8 +361,9 @@ def calibration_steps(num_steps: int, dense_steps: int, positions) -> list[int]:
 
 def dense_trajectory(model, noise, context, negative, solver, guidance):
     """Latents before every step (steps, B, ...) of a dense guided run (the calibration inputs)."""
-    from vidaccel.sampling import guided_velocity
-    from vidaccel.transforms import DenoiseSpec, wan_denoiser
+    from vidaccel.sampling import guided_velocity, init_branches
+    from vidaccel.transforms import DenoiseSpec
+    from models.wan.denoiser import wan_denoiser
 
     den = wan_denoiser(model)
     spec = DenoiseSpec(jax.ShapeDtypeStruct(noise.shape, noise.dtype),
@@ -371,7 +372,7 @@ def dense_trajectory(model, noise, context, negative, solver, guidance):
     @jax.jit
     def run(params, noise, context, negative):
         ts = jnp.asarray(solver.timesteps, jnp.float32)
-        dstate = {"cond": den.init(spec), "uncond": den.init(spec)}
+        dstate = init_branches(den, spec, True)
 
         def step(carry, i):
             x, ss, ds = carry
@@ -395,7 +396,8 @@ def measure(model, policy: Policy, noise, context, negative, cfg: EBCConfig = EB
     velocity per prompt, averaged over prompts and steps; the density is that head's own.
     """
     from vidaccel.solvers import unipc
-    from vidaccel.transforms import DenoiseSpec, wan_denoiser
+    from vidaccel.transforms import DenoiseSpec
+    from models.wan.denoiser import wan_denoiser
 
     solver = solver or unipc(50)
     guidance = float(cfg.guidance)
@@ -546,7 +548,7 @@ def haste_shapes(model, base: str = "xattention", *, ebc="default", tmr: TMRConf
     """HASTE on the shapes model as a Denoiser: the base's shapes setting, TMR, and the EBC table at `ebc`
     ("default": `results/sparse/ebc_<base>.json` when that file exists, else the shared threshold; None: off).
     `implementation` None = `default_implementation()`: the Pallas kernel on GPU, the gather path elsewhere."""
-    from vidaccel.transforms import wan_denoiser
+    from models.wan.denoiser import wan_denoiser
 
     if implementation is None:
         implementation = default_implementation()

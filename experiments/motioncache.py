@@ -43,12 +43,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import struct
 
 from experiments.teacache import WAN21_COEFFICIENTS
 from models.ar.kv_cache import scatter_tokens
 from vidaccel.residual_cache import INDICATORS, relative_l1, rescale
-from vidaccel.transforms import Denoiser, DenoiseSpec
+from vidaccel.transforms import Denoiser, DenoiseSpec, abstract_embedding, wrap_denoiser
 
 MOTIONS = ("hidden", "latent")
 DEFAULT_BUCKETS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
@@ -181,7 +181,7 @@ def motioncache(den: Denoiser, cfg: MotionCacheConfig) -> Denoiser:
     if st is None or getattr(st, "partial", None) is None or den.commit is None:
         raise ValueError(f"motioncache needs an AR chunk denoiser with a partial forward "
                          f"(models.ar.rollout.chunk_denoiser); {den.name!r} has none")
-    mcfg = nnx.merge(den.graphdef, den.params).cfg
+    mcfg = den.config
     indicator = INDICATORS[cfg.indicator]
     relative = cfg.motion == "hidden"
 
@@ -192,8 +192,7 @@ def motioncache(den: Denoiser, cfg: MotionCacheConfig) -> Denoiser:
     def init(spec: DenoiseSpec) -> MotionCacheState:
         inner = den.init(spec)
         x = jnp.zeros(spec.latents.shape, spec.latents.dtype)
-        ctx = jnp.zeros(spec.context.shape, spec.context.dtype)
-        emb = jax.eval_shape(lambda: st.embed(den.params, inner, x, jnp.zeros((x.shape[0],)), ctx)[0])
+        emb = abstract_embedding(den, inner, spec)
         b, n, d = emb.tokens.shape
         hw = emb.grid[1] * emb.grid[2]
         cs = jax.eval_shape(lambda: source(jnp.zeros(emb.tokens.shape, emb.tokens.dtype), x)).shape[-1]
@@ -258,5 +257,4 @@ def motioncache(den: Denoiser, cfg: MotionCacheConfig) -> Denoiser:
                              prev_last=last, phase1=jnp.zeros_like(state.phase1), count=jnp.zeros_like(state.count),
                              chunk=state.chunk + 1)
 
-    return Denoiser(init=init, apply=apply, graphdef=den.graphdef, params=den.params, name="motioncache",
-                    stages=None, commit=commit)
+    return wrap_denoiser(den, init=init, apply=apply, name="motioncache", commit=commit)

@@ -14,7 +14,7 @@ attention) on q, k, v captured from the model. Writes `<out>/table.json`, `<out>
 `<out>/fidelity_vs_density.png`, `<out>/prediction_share.png` and the EBC tables `<out>/ebc_<base>.json`.
 
 Sparse compute runs through `--implementation`: by default the Pallas kernels on GPU and the plain-jnp gather
-path elsewhere (`pallas_kernels.gather_sparse`: each query tile attends to its selected keys only, padded to
+path elsewhere (`pallas_kernels.gather_jnp`: each query tile attends to its selected keys only, padded to
 a few static bucket widths). The result equals the kernels', and CPU wall-clock then shows real work
 savings as well as the overheads of mask prediction and what TMR removes. `--implementation reference`
 (masked dense attention) shows only the overheads. EBC calibration always uses the reference: its
@@ -107,7 +107,7 @@ class Runner:
             noise, ctx = xs
             state = init_branches(den, spec, True)
             if sparse:
-                state = {k: s.replace(thresholds=thresholds) for k, s in state.items()}
+                state = state.map(lambda s: s.replace(thresholds=thresholds))
             x, state = denoise_loop(den, solver, True, params, noise, ctx, jnp.zeros_like(ctx), guidance, state,
                                     jnp.int32(0))
             return x, state
@@ -146,7 +146,7 @@ class Runner:
 
 
 def denoiser_for(model, base: str, tmr: TMRConfig | None, implementation: str):
-    from vidaccel.transforms import wan_denoiser
+    from models.wan.denoiser import wan_denoiser
 
     policy = base_policy(base, implementation=implementation)
     if tmr is not None:
@@ -249,10 +249,10 @@ def stage_timings(model, runner: Runner, cfg: TableConfig, threshold: float, log
 
 def gathered_fraction(base: str, plan, n: int) -> float:
     """Query-key pairs the gather path computes for `plan` (padding to its bucket widths and, for SVG2, whole
-    query tiles included), as a fraction of dense attention's, from `gather_sparse.gather_work`."""
+    query tiles included), as a fraction of dense attention's, from `gather_jnp.gather_work`."""
     from experiments.svg2 import svg2_shapes
     from experiments.xattention import xattention_shapes
-    from pallas_kernels.gather_sparse import gather_work
+    from pallas_kernels.gather_jnp import gather_work
 
     if base == "xattention":
         b, h = plan.counts.shape[:2]
@@ -315,7 +315,7 @@ def attention_bench(tokens=(512, 4096), *, heads: int = 4, head_dim: int = 32, b
     """
     from experiments.bench_kernels import AttnShape, random_blocks, random_clusters
     from pallas_kernels import BlockIndices, block_sparse_attention_gather, cluster_sparse_attention_gather
-    from pallas_kernels.gather_sparse import gather_work
+    from pallas_kernels.gather_jnp import gather_work
     from pallas_kernels.reference import block_sparse_attention_reference, cluster_sparse_attention_reference
 
     dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))
@@ -402,7 +402,8 @@ def write_bench(bench: dict, out_dir: Path) -> None:
 def run_table(cfg: TableConfig, out_dir: Path, log=print) -> dict:
     from models.shapes import sample_prompts
     from models.shapes.pretrained import load_shapes_model, training_info
-    from vidaccel.transforms import total_work, wan_denoiser
+    from vidaccel.transforms import total_work
+    from models.wan.denoiser import wan_denoiser
 
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

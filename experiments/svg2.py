@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from pallas_kernels import cluster_sparse_attention, cluster_sparse_attention_gather, clusters_to_ranges
-from pallas_kernels._common import ALLOWED_BLOCKS
+from pallas_kernels import (ALLOWED_BLOCKS, cluster_sparse_attention, cluster_sparse_attention_gather,
+                            clusters_to_ranges)
 from pallas_kernels.reference import masked_attention
 from vidaccel.sparse_attention import IMPLEMENTATIONS, AttnContext, AttnSpec, Policy, PredictStats
 

@@ -30,7 +30,7 @@ from flax import struct
 
 from experiments import RESULTS_ROOT
 from vidaccel.residual_cache import INDICATORS, ResidualCacheConfig, relative_l1, residual_cache
-from vidaccel.transforms import Denoiser, DenoiseSpec
+from vidaccel.transforms import Denoiser, DenoiseSpec, abstract_embedding, branch_states, wrap_denoiser
 
 # Published TeaCache4Wan2.1 coefficients (highest degree first), keyed by (model, use_ret_steps).
 WAN21_COEFFICIENTS: dict[tuple[str, bool], tuple[float, ...]] = {
@@ -89,9 +89,7 @@ def probe(den: Denoiser, indicator: str) -> Denoiser:
 
     def init(spec: DenoiseSpec) -> ProbeState:
         inner = den.init(spec)
-        x = jnp.zeros(spec.latents.shape, spec.latents.dtype)
-        ctx = jnp.zeros(spec.context.shape, spec.context.dtype)
-        emb = jax.eval_shape(lambda: st.embed(den.params, inner, x, jnp.zeros((x.shape[0],)), ctx)[0])
+        emb = abstract_embedding(den, inner, spec)
         calls = spec.num_steps * spec.num_chunks
         z = jnp.zeros((calls,), jnp.float32)
         return ProbeState(inner, jnp.zeros(ind_fn(emb).shape, jnp.float32),
@@ -107,12 +105,7 @@ def probe(den: Denoiser, indicator: str) -> Denoiser:
                            state.output_change.at[i].set(relative_l1(tokens, state.prev_out)))
         return st.head(params, tokens, emb), state
 
-    commit = None
-    if den.commit is not None:
-        def commit(params, state, x0, context):
-            return state.replace(inner=den.commit(params, state.inner, x0, context))
-
-    return Denoiser(init=init, apply=apply, graphdef=den.graphdef, params=den.params, name="probe", commit=commit)
+    return wrap_denoiser(den, init=init, apply=apply, name="probe")
 
 
 @dataclasses.dataclass
@@ -160,7 +153,7 @@ def calibrate(den: Denoiser, noise: jax.Array, context: jax.Array, *, solver, in
                       config=rollout_config or RolloutConfig())
     else:
         out = sample(pden, None, noise, context, solver=solver, guidance=guidance, negative_context=negative_context)
-    states = list(out.state.values()) if isinstance(out.state, dict) else [out.state]
+    states = branch_states(out.state)
     # one run per branch; the fit drops the first call of every chunk (it compares against another chunk)
     inp = np.stack([np.asarray(s.input_change) for s in states])
     outp = np.stack([np.asarray(s.output_change) for s in states])
@@ -181,7 +174,7 @@ def calibrate_shapes_t2v(model, *, num_prompts: int = 4, steps: int = 50, guidan
     from models.shapes.pretrained import latent_noise
     from vidaccel.residual_cache import choose_threshold
     from vidaccel.solvers import unipc
-    from vidaccel.transforms import wan_denoiser
+    from models.wan.denoiser import wan_denoiser
 
     prompts = sample_prompts(num_prompts, 1, "train")
     ctx = jnp.asarray(encode_prompts(prompts))
@@ -201,7 +194,7 @@ def shapes_t2v_teacache(model, speed: str = "slow", *, calibration: dict | None 
     """TeaCache on the embedded t2v model (the `vidaccel demo` entry), with the calibrated coefficients and
     `speed` threshold from `calibration`, else from `path` (written by `python -m experiments.cache_table`),
     else from a fresh `calibrate_shapes_t2v` on 2 prompts. Thresholds are for the calibration's step count."""
-    from vidaccel.transforms import wan_denoiser
+    from models.wan.denoiser import wan_denoiser
 
     if calibration is None:
         calibration = json.loads(path.read_text()) if path.exists() else calibrate_shapes_t2v(model, num_prompts=2)

@@ -30,9 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from pallas_kernels import (BlockIndices, block_mask_to_indices, block_sparse_attention,
+from pallas_kernels import (ALLOWED_BLOCKS, BlockIndices, block_mask_to_indices, block_sparse_attention,
                             block_sparse_attention_gather)
-from pallas_kernels._common import ALLOWED_BLOCKS
 from pallas_kernels.reference import block_sparse_attention_reference
 from vidaccel.sparse_attention import IMPLEMENTATIONS, AttnContext, AttnSpec, Policy, PredictStats
 

@@ -1,6 +1,6 @@
 """Attention of a chunk of queries over an int8 / int4 KV cache plus a full-precision recent window (Pallas).
 
-The cache layout is `vidaccel.kvcache.QuantizedKV` (keys per channel in token groups, values per token,
+The cache layout is `pallas_kernels.kv_quantization.QuantizedKV` (keys per channel in token groups, values per token,
 split-half int4 packing). The kernel never dequantizes the cache into memory. For a kv tile inside key
 group g, with codes c, key scale s_g and offset o_g (per channel), and per-token value scale t / offset u:
 
@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _common as C
-from vidaccel.kvcache import QuantizedKV
+from pallas_kernels.kv_quantization import QuantizedKV
 
 
 def _qkv_kernel(len_ref, q_ref, kc_ref, ks_ref, ko_ref, vc_ref, vs_ref, vo_ref, kr_ref, vr_ref, o_ref, *,
@@ -137,7 +137,7 @@ def default_block_k(group_size: int) -> int:
 def check_cache(q: jax.Array, cache: QuantizedKV, q_lengths, block_k: int | None) -> tuple[int, jax.Array]:
     """Validate q against the cache; returns (block_k, q_lengths as (B,) int32)."""
     if not isinstance(cache, QuantizedKV):
-        raise TypeError(f"cache must be a vidaccel.kvcache.QuantizedKV, got {type(cache).__name__}")
+        raise TypeError(f"cache must be a pallas_kernels.kv_quantization.QuantizedKV, got {type(cache).__name__}")
     if not hasattr(q, "ndim") or q.ndim != 4:
         raise ValueError(f"q must have shape (batch, tokens, heads, head_dim), got {getattr(q, 'shape', q)}")
     C.check_float_dtype("q", q)

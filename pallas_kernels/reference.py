@@ -15,7 +15,7 @@ from pallas_kernels import _common as C
 from pallas_kernels._indices import as_block_indices, indices_to_block_mask
 from pallas_kernels._ranges import check_ranges, fixed_q_ranges
 from pallas_kernels.quantized_kv import check_cache
-from vidaccel.kvcache import QuantizedKV, dequantize_kv
+from pallas_kernels.kv_quantization import QuantizedKV, dequantize_kv
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.Array, scale: float) -> jax.Array:

@@ -17,7 +17,7 @@ from models.wan import load_transformer  # noqa: E402
 from tests.wan_fixtures import FIXTURES, case_io, rel_l2  # noqa: E402
 from vidaccel.sampling import sample  # noqa: E402
 from vidaccel.solvers import unipc  # noqa: E402
-from vidaccel.transforms import wan_denoiser  # noqa: E402
+from models.wan.denoiser import wan_denoiser  # noqa: E402
 
 
 def main() -> None:

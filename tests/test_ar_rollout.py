@@ -8,6 +8,7 @@ import pytest
 from models.ar.rollout import RolloutConfig, chunk_denoiser, kv_cache_bytes, rollout
 from models.wan import init_transformer, wan_tiny
 from vidaccel.solvers import euler, unipc
+from vidaccel.transforms import CFGBranches
 
 FPB = 2
 CHUNKS = 4
@@ -102,10 +103,10 @@ def test_guided_rollout_keeps_a_cache_per_branch():
     solver = unipc(3)
     out = rollout(model, noise, ctx, solver=solver, guidance=4.0, negative_context=jnp.zeros_like(ctx),
                   config=RolloutConfig(window_chunks=2))
-    assert set(out.state) == {"cond", "uncond"}
+    assert isinstance(out.state, CFGBranches)
     assert np.isfinite(np.asarray(out.latents)).all()
-    assert int(out.state["cond"].work.calls) == CHUNKS * (solver.num_steps + 1)
-    assert not np.allclose(out.state["cond"].cache.k, out.state["uncond"].cache.k)
+    assert int(out.state.cond.work.calls) == CHUNKS * (solver.num_steps + 1)
+    assert not np.allclose(out.state.cond.cache.k, out.state.uncond.cache.k)
 
 
 def test_rollout_errors():
@@ -161,7 +162,8 @@ def test_storage_errors():
 
 
 def test_kv_cache_bytes_refuses_a_state_without_a_chunk_denoiser():
-    from vidaccel.transforms import DenseState, Work
+    from vidaccel.transforms import Work
+    from models.wan.denoiser import DenseState
 
     with pytest.raises(ValueError, match="no ChunkState inside DenseState; was the denoiser built with chunk_denoiser"):
-        kv_cache_bytes({"cond": DenseState(Work.zero())})
+        kv_cache_bytes(CFGBranches(DenseState(Work.zero()), DenseState(Work.zero())))

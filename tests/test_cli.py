@@ -5,11 +5,11 @@ import subprocess
 import sys
 
 from tests.wan_fixtures import FIXTURES
-from vidaccel.cli import COMMANDS, main
+from experiments.cli import COMMANDS, main
 
 
 def test_help_lists_every_subcommand():
-    out = subprocess.run([sys.executable, "-m", "vidaccel.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "experiments.cli", "--help"], capture_output=True, text=True, check=True)
     for name in COMMANDS:
         assert name in out.stdout
 

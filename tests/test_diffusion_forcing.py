@@ -11,7 +11,8 @@ from models.wan import init_transformer, wan_tiny
 from tests.test_solvers import DATA, META, cl, max_rel, velocity
 from vidaccel.sampling import sample
 from vidaccel.solvers import unipc
-from vidaccel.transforms import Denoiser, DenseState, Work, total_work, wan_denoiser
+from vidaccel.transforms import Denoiser, Work, total_work
+from models.wan.denoiser import DenseState, wan_denoiser
 
 
 def field_denoiser() -> Denoiser:

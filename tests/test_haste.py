@@ -15,7 +15,7 @@ from experiments.svg2 import SVG2Config, svg2
 from experiments.xattention import XAttentionConfig, xattention
 from test_sparse_attention import _counting, _loop, _model, _rel, _spec
 from vidaccel.sparse_attention import AttnContext, AttnSpec, sparse_attention, sparse_summary
-from vidaccel.transforms import wan_denoiser
+from models.wan.denoiser import wan_denoiser
 
 SPEC = AttnSpec(batch=1, tokens=64, heads=2, head_dim=16, layers=1, steps=10)
 

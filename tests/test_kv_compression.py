@@ -134,7 +134,7 @@ def test_write_chunk_float_and_quantized():
     """`write_chunk` (the commit of a chunk buffer) stores K/V, frames and validity; int8 storage holds them
     within its quantization step."""
     from models.ar.kv_cache import init_cache, write_chunk
-    from vidaccel.kvcache import dequantize_kv
+    from pallas_kernels.kv_quantization import dequantize_kv
 
     k, v = jax.random.normal(jax.random.key(5), (2, 2, 1, 32, 2, 8))
     frames = jnp.full((1, 32), 7, jnp.int32)

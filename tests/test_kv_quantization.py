@@ -1,4 +1,4 @@
-"""vidaccel.kvcache quantization: int4 packing, quantize/dequantize error bounds, scale granularity, layout,
+"""pallas_kernels.kv_quantization quantization: int4 packing, quantize/dequantize error bounds, scale granularity, layout,
 memory accounting, errors."""
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vidaccel import kvcache as kv
+from pallas_kernels import kv_quantization as kv
 
 CONFIGS = [kv.KVQuantConfig(bits=b, group_size=16, symmetric=s) for b in (8, 4) for s in (False, True)]
 

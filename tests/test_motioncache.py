@@ -1,6 +1,7 @@
 """MotionCache: the per-token rule and motion weights by hand, the partial forward against the full forward,
 exactness at threshold 0, and counters against a count taken while the compiled rollout runs."""
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,8 +160,7 @@ def _counting(den, log):
         return st.partial(params, state, emb, indices, valid)
 
     stages = type(st)(st.embed, blocks, st.head, partial)
-    return Denoiser(init=den.init, apply=den.apply, graphdef=den.graphdef, params=den.params, stages=stages,
-                    commit=den.commit)
+    return dataclasses.replace(den, stages=stages)
 
 
 @pytest.mark.parametrize("motion", ["hidden", "latent"])
@@ -197,7 +197,7 @@ def test_config_errors():
         MotionCacheConfig(alpha=1.5)
     with pytest.raises(ValueError, match="temporal_vote"):
         MotionCacheConfig(temporal_vote=1.0)
-    from vidaccel.transforms import wan_denoiser
+    from models.wan.denoiser import wan_denoiser
     with pytest.raises(ValueError, match="partial forward"):
         motioncache(wan_denoiser(init_transformer(wan_tiny(), seed=0)), MotionCacheConfig())
     assert MotionCacheConfig(buckets=(0.3, 1.0)).bucket_sizes(16) == (5, 16)

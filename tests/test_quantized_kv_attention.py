@@ -14,7 +14,7 @@ from tests.pallas_lowering import abstract_h100, lower_for_cuda  # noqa: F401 (f
 
 from pallas_kernels import quantized_kv_attention
 from pallas_kernels.reference import quantized_kv_attention_reference
-from vidaccel import kvcache as kv
+from pallas_kernels import kv_quantization as kv
 
 B, TQ, T, W, H, D, G = 3, 40, 150, 24, 2, 32, 32
 LENGTH, RECENT, QLEN = [150, 97, 0], [24, 10, 7], [40, 33, 40]  # batch 2: window only

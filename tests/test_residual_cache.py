@@ -1,5 +1,6 @@
 """TeaCache / FlowCache: the decision rule on hand-made inputs, exactness at threshold 0, honest counters."""
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,8 @@ from models.wan import init_transformer, wan_tiny
 from vidaccel.residual_cache import ResidualCacheConfig, choose_threshold, decide, relative_l1, rescale, schedule
 from vidaccel.sampling import sample
 from vidaccel.solvers import euler, unipc
-from vidaccel.transforms import Denoiser, DenoiseSpec, Stages, total_work, wan_denoiser
+from vidaccel.transforms import Denoiser, DenoiseSpec, Stages, total_work
+from models.wan.denoiser import wan_denoiser
 
 
 def test_decide_by_hand():
@@ -76,7 +78,7 @@ def _counting_dense(model, counter):
         return den.stages.blocks(params, state, emb)
 
     stages = Stages(den.stages.embed, blocks, den.stages.head)
-    return Denoiser(init=den.init, apply=den.apply, graphdef=den.graphdef, params=den.params, stages=stages)
+    return dataclasses.replace(den, stages=stages)
 
 
 def test_counters_match_an_unjitted_count():

@@ -8,7 +8,7 @@ import pytest
 from models.wan import init_transformer, load_transformer, wan_tiny
 from vidaccel.sampling import sample
 from vidaccel.solvers import euler, unipc
-from vidaccel.transforms import wan_denoiser
+from models.wan.denoiser import wan_denoiser
 from tests.wan_fixtures import FIXTURES, rel_l2
 
 
@@ -25,7 +25,7 @@ def test_sample_matches_diffusers_pipeline_loop():
     assert rel_l2(out.latents, cl(ref["out"])) <= 1e-4
     steps = int(ref["steps"])
     for branch in ("cond", "uncond"):
-        work = out.state[branch].work
+        work = getattr(out.state, branch).work
         assert int(work.calls) == steps and int(work.block_passes) == steps
         assert int(work.token_layers) == steps * (3 * 3 * 5) * model.cfg.num_layers
 

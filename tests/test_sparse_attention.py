@@ -14,7 +14,8 @@ from vidaccel.sampling import sample
 from vidaccel.solvers import euler, unipc
 from vidaccel.sparse_attention import (AttnSpec, Policy, SparseCounters, SparseState, find_sparse_state,
                                        sparse_attention, sparse_summary, threshold_table, with_thresholds)
-from vidaccel.transforms import DenoiseSpec, total_work, wan_denoiser
+from vidaccel.transforms import CFGBranches, DenoiseSpec, total_work
+from models.wan.denoiser import wan_denoiser
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,14 +49,14 @@ def _loop(den, steps=5, guidance=3.0):
     noise, ctx = _inputs()
     solver = euler(steps)
     apply = jax.jit(den.apply)
-    states = {"cond": den.init(_spec(steps)), "uncond": den.init(_spec(steps))}
+    cond, uncond = den.init(_spec(steps)), den.init(_spec(steps))
     x, ss = noise, solver.init(noise)
     for i in range(steps):
         t = jnp.full((1,), solver.timesteps[i], jnp.float32)
-        vc, states["cond"] = apply(den.params, states["cond"], x, t, ctx)
-        vu, states["uncond"] = apply(den.params, states["uncond"], x, t, jnp.zeros_like(ctx))
+        vc, cond = apply(den.params, cond, x, t, ctx)
+        vu, uncond = apply(den.params, uncond, x, t, jnp.zeros_like(ctx))
         x, ss = solver.step(ss, i, x, vu + guidance * (vc - vu))
-    return x, states
+    return x, CFGBranches(cond, uncond)
 
 
 def _forward(den, step, thresholds=None):
@@ -92,7 +93,7 @@ def test_warmup_and_dense_layers_skip_the_policy_and_are_counted():
     jax.effects_barrier()
     assert sorted(calls) == sorted([(s, 0) for s in (2, 3, 4)] * 2)
     for branch in ("cond", "uncond"):
-        c = states[branch].counters
+        c = getattr(states, branch).counters
         np.testing.assert_array_equal(c.calls, [5, 5])
         np.testing.assert_array_equal(c.dense_calls, [2, 5])
         np.testing.assert_array_equal(c.predictions, [3, 0])
@@ -111,7 +112,7 @@ def test_summary_by_hand():
                                           pairs=jnp.array([[8.0, 4.0]]), tiles=jnp.array([[2.0, 1.0]]),
                                           tiles_dense=jnp.array([4.0]), estimate_flops=jnp.array([64.0]))
     st = SparseState(None, jnp.int32(3), (), c, jnp.ones((1, 2)), spec)
-    s = sparse_summary({"cond": st, "uncond": st})
+    s = sparse_summary(CFGBranches(st, st))
     assert s["density_sparse"] == pytest.approx(12 / 64)
     assert s["density_overall"] == pytest.approx((12 + 32) / 96)
     assert s["tile_density"] == pytest.approx(3 / 8)

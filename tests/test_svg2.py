@@ -8,7 +8,7 @@ import pytest
 from experiments.svg2 import (SVG2Config, kmeans, label_token_mask, select_clusters, svg2, svg2_shapes)
 from test_sparse_attention import _forward, _loop, _model, _rel
 from vidaccel.sparse_attention import sparse_attention, sparse_summary
-from vidaccel.transforms import wan_denoiser
+from models.wan.denoiser import wan_denoiser
 
 T, F = True, False
 
@@ -95,14 +95,14 @@ def test_state_per_layer_and_branch():
     call runs the init iterations, later ones the warm-started few (estimate FLOPs say exactly how many)."""
     cfg = SVG2Config(top_p=0.7, implementation="reference", kmeans_tol=0.0, **SMALL)
     _, states = _loop(sparse_attention(wan_denoiser(_model()), svg2(cfg)), steps=5)   # 1 dense + 4 sparse steps
-    pc, pu = states["cond"].policy, states["uncond"].policy
+    pc, pu = states.cond.policy, states.uncond.policy
     assert bool(jnp.all(pc.initialized)) and bool(jnp.all(pu.initialized))
     assert float(jnp.abs(pc.k_centroids - pu.k_centroids).max()) > 1e-3
     n, d, qc, kc, h = 64, 16, 4, 8, 2
     per_iter = 2.0 * n * d * (qc + kc) * h
     want = (50 + 3 * 2) * per_iter + 4 * 2.0 * qc * kc * d * h     # 50 iterations, then 2, 2, 2
-    np.testing.assert_allclose(np.asarray(states["cond"].counters.estimate_flops), [want] * 2, rtol=1e-6)
-    np.testing.assert_array_equal(states["uncond"].counters.dense_calls, [1, 1])
+    np.testing.assert_allclose(np.asarray(states.cond.counters.estimate_flops), [want] * 2, rtol=1e-6)
+    np.testing.assert_array_equal(states.uncond.counters.dense_calls, [1, 1])
 
 
 def test_config_defaults_and_errors():

@@ -7,7 +7,7 @@ import pytest
 
 from models.wan import WanConfig, abstract_transformer, count_params, init_transformer, load_transformer, wan_tiny
 from models.wan import wan21_t2v_14b, wan21_t2v_1_3b
-from models.wan.transformer import assert_finite
+from vidaccel.checks import assert_finite
 from tests.wan_fixtures import FIXTURES, case_io, rel_l2
 
 PARITY_RTOL = 1e-5  # relative L2 against diffusers, fp32 throughout

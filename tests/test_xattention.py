@@ -11,7 +11,7 @@ from experiments.xattention import (XAttentionConfig, antidiagonal_scores, block
                                     xattention_shapes)
 from test_sparse_attention import _forward, _model, _rel
 from vidaccel.sparse_attention import sparse_attention, sparse_summary
-from vidaccel.transforms import wan_denoiser
+from models.wan.denoiser import wan_denoiser
 
 
 def test_antidiagonal_scores_match_a_loop():

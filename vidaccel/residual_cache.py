@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from vidaccel.transforms import Denoiser, DenoiseSpec
+from vidaccel.transforms import Denoiser, DenoiseSpec, abstract_embedding, wrap_denoiser
 
 SCOPES = ("video", "chunk")
 REUSES = ("hidden", "latent")
@@ -167,10 +167,7 @@ def residual_cache(den: Denoiser, cfg: ResidualCacheConfig, *, name: str = "resi
         if dts is not None and len(dts) != spec.num_steps:
             raise ValueError(f"the solver given to {name} has {len(dts)} steps but sampling runs {spec.num_steps}")
         inner = den.init(spec)
-        x = jnp.zeros(spec.latents.shape, spec.latents.dtype)
-        t = jnp.zeros((spec.latents.shape[0],), jnp.float32)
-        ctx = jnp.zeros(spec.context.shape, spec.context.dtype)
-        emb = jax.eval_shape(lambda: st.embed(den.params, inner, x, t, ctx)[0])
+        emb = abstract_embedding(den, inner, spec)
         ind = indicator(emb)
         scope_calls = spec.num_steps * (spec.num_chunks if cfg.scope == "video" else 1)
         stored = emb.tokens if cfg.reuse == "hidden" else spec.latents
@@ -211,15 +208,12 @@ def residual_cache(den: Denoiser, cfg: ResidualCacheConfig, *, name: str = "resi
         return out, state
 
     commit = None
-    if den.commit is not None:
+    if den.commit is not None and cfg.scope == "chunk":
         def commit(params, state: ResidualCacheState, x0, context):
             state = state.replace(inner=den.commit(params, state.inner, x0, context))
-            if cfg.scope == "chunk":
-                state = state.replace(acc=jnp.zeros_like(state.acc), count=jnp.zeros_like(state.count))
-            return state
+            return state.replace(acc=jnp.zeros_like(state.acc), count=jnp.zeros_like(state.count))
 
-    return Denoiser(init=init, apply=apply, graphdef=den.graphdef, params=den.params, name=name, stages=None,
-                    commit=commit)
+    return wrap_denoiser(den, init=init, apply=apply, name=name, commit=commit)
 
 
 # ------------------------------------------------------------------------------- offline schedule + threshold

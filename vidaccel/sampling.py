@@ -1,24 +1,32 @@
 """`sample()`: the whole denoising loop as one jitted `lax.scan`, with classifier-free guidance.
 
 The scan carries (latents, solver state, denoiser state per CFG branch). The conditional and the
-unconditional branch are separate denoiser calls, each with its own state, as the diffusers Wan pipeline
-runs them (so a caching method's skip decisions stay per branch and real work is skipped). A progress bar
-is driven from inside the scan by `jax.debug.callback`, without leaving the compiled loop.
+unconditional branch are separate denoiser calls, each with its own state (`CFGBranches`), as the diffusers
+Wan pipeline runs them (so a caching method's skip decisions stay per branch and real work is skipped). A
+progress bar is driven from inside the scan by `jax.debug.callback`, without leaving the compiled loop.
+
+The pieces are shared by every sampler (`sample`, the AR rollout, diffusion forcing): `check_sampler_args`
+validates, `guided_velocity` / `denoise_loop` are the traced step, `tick` advances the bar from compiled
+code, and `run_sampler` drives a jitted sampler (bar, wait for the result, flush the callbacks).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import numbers
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
+from tqdm.auto import tqdm
 
-from models.wan.transformer import assert_finite
-from vidaccel.transforms import Denoiser, DenoiseSpec
+from vidaccel.checks import assert_finite, float_arg
+from vidaccel.solvers import Solver
+from vidaccel.transforms import CFGBranches, Denoiser, DenoiseSpec
 
 _BARS: dict[int, Any] = {}
 _BAR_IDS = itertools.count(1)
@@ -29,38 +37,45 @@ _BAR_LOCK = threading.Lock()
 class SampleOutput:
     """Final latents and the denoiser state(s) after the last step (counters included).
 
-    `state` is one denoiser state without guidance, else a dict {'cond': ..., 'uncond': ...}.
+    `state` is one denoiser state without guidance, else `CFGBranches(cond, uncond)`.
     """
 
     latents: jax.Array
     state: Any
 
 
-def _tick(bar_id, i):
+def _tick(bar_id):
     bar = _BARS.get(int(bar_id))
     if bar is not None:
         bar.update(1)
 
 
+def tick(bar_id: jax.Array) -> None:
+    """Advance progress bar `bar_id` by one from inside compiled code (0 = no bar)."""
+    jax.debug.callback(_tick, bar_id)
+
+
 def init_branches(den: Denoiser, spec: DenoiseSpec, guided: bool):
-    """Fresh denoiser state: one, or a dict with one per CFG branch."""
-    return {"cond": den.init(spec), "uncond": den.init(spec)} if guided else den.init(spec)
+    """Fresh denoiser state: one, or `CFGBranches` with one per CFG branch."""
+    return CFGBranches(den.init(spec), den.init(spec)) if guided else den.init(spec)
 
 
 def guided_velocity(den: Denoiser, guided: bool, params, dstate, x, t, context, negative, guidance):
     """The (guided) velocity at (x, t) and the updated per-branch denoiser state."""
     if not guided:
         return den.apply(params, dstate, x, t, context)
-    vc, sc = den.apply(params, dstate["cond"], x, t, context)
-    vu, su = den.apply(params, dstate["uncond"], x, t, negative)
-    return vu + guidance * (vc - vu), {"cond": sc, "uncond": su}
+    vc, sc = den.apply(params, dstate.cond, x, t, context)
+    vu, su = den.apply(params, dstate.uncond, x, t, negative)
+    return vu + guidance * (vc - vu), CFGBranches(sc, su)
 
 
 def denoise_loop(den: Denoiser, solver, guided: bool, params, noise, context, negative, guidance, den_state,
-                 bar_id):
+                 bar_id, *, trajectory: bool = False):
     """Traceable core of `sample()`: run every solver step from `noise`, threading `den_state`.
 
-    Shared by `sample()` and the AR chunk rollout (which calls it once per chunk with a carried state).
+    Shared by `sample()`, the AR chunk rollout (once per chunk with a carried state) and the experiments that
+    need a dense trajectory. Returns (latents, den_state), plus the latents before every step (steps, ...)
+    when `trajectory`.
     """
     timesteps = jnp.asarray(solver.timesteps, jnp.float32)
 
@@ -68,13 +83,13 @@ def denoise_loop(den: Denoiser, solver, guided: bool, params, noise, context, ne
         x, sstate, dstate = carry
         t = jnp.broadcast_to(timesteps[i], (x.shape[0],))
         v, dstate = guided_velocity(den, guided, params, dstate, x, t, context, negative, guidance)
-        x, sstate = solver.step(sstate, i, x, v)
-        jax.debug.callback(_tick, bar_id, i)
-        return (x, sstate, dstate), None
+        x_next, sstate = solver.step(sstate, i, x, v)
+        tick(bar_id)
+        return (x_next, sstate, dstate), (x if trajectory else None)
 
     steps = jnp.arange(solver.num_steps, dtype=jnp.int32)
-    (x, _, den_state), _ = jax.lax.scan(step, (noise, solver.init(noise), den_state), steps)
-    return x, den_state
+    (x, _, den_state), xs = jax.lax.scan(step, (noise, solver.init(noise), den_state), steps)
+    return (x, den_state, xs) if trajectory else (x, den_state)
 
 
 def _sample_impl(den: Denoiser, solver, guided: bool, params, noise, context, negative, guidance, bar_id):
@@ -98,22 +113,41 @@ def sample(den: Denoiser, params, noise: jax.Array, context: jax.Array, *, solve
     (a string sets its description). check_finite: reject NaN/Inf in noise and contexts before compiling.
     Returns `SampleOutput(latents, state)`; `state` holds the denoiser's counters.
     """
-    if params is None:
-        params = den.params
-    if noise.ndim != 5:
-        raise ValueError(f"noise must be channels-last latents (B, F, H, W, C); got shape {noise.shape}")
-    guided, negative = check_guidance(guidance, context, negative_context, noise, check_finite)
-    with progress_bar(progress, solver.num_steps, "sampling") as bar_id:
-        out = _sample_jit(den, solver, guided, params, noise, context, negative,
-                          jnp.float32(guidance if guided else 1.0), jnp.int32(bar_id))
-        jax.block_until_ready(out.latents)
+    guided, negative = check_sampler_args(den, solver, noise, guidance, context, negative_context, check_finite)
+    return run_sampler(_sample_jit, den, solver, guided, den.params if params is None else params, noise,
+                       context, negative, jnp.float32(guidance if guided else 1.0),
+                       progress=progress, total=solver.num_steps, desc="sampling")
+
+
+def run_sampler(fn: Callable[..., Any], *args, progress: bool | str, total: int, desc: str):
+    """Drive a jitted sampler `fn(*args, bar_id)`: show a progress bar of `total` ticks (ticked from inside the
+    scan with `tick(bar_id)`), wait for the result and flush the pending callbacks before the bar closes."""
+    with progress_bar(progress, total, desc) as bar_id:
+        out = fn(*args, jnp.int32(bar_id))
+        jax.block_until_ready(out)
         jax.effects_barrier()
     return out
 
 
+def check_sampler_args(den, solver, noise, guidance, context, negative_context, check_finite: bool):
+    """Validate what every sampler takes; return (guided, the unconditional branch's context)."""
+    if not isinstance(den, Denoiser):
+        raise TypeError(f"expected a Denoiser (e.g. models.wan.wan_denoiser(model)), got {type(den).__name__}")
+    if not isinstance(solver, Solver):
+        raise TypeError(f"solver must be a Solver (vidaccel.solvers.unipc(steps) or euler(steps)), got "
+                        f"{solver!r} ({type(solver).__name__})")
+    if getattr(noise, "ndim", None) != 5:
+        raise ValueError(f"noise must be channels-last latents (B, F, H, W, C); got shape {jnp.shape(noise)}")
+    return check_guidance(guidance, context, negative_context, noise, check_finite)
+
+
 def check_guidance(guidance, context, negative_context, noise, check_finite: bool):
     """Validate CFG arguments (and finiteness); return (guided, the unconditional branch's context)."""
-    guided = guidance is not None and float(guidance) != 1.0
+    if guidance is not None:
+        if isinstance(guidance, bool) or not isinstance(guidance, (numbers.Real, jax.Array, np.ndarray)):
+            raise TypeError(f"guidance must be a real number or None, got {guidance!r}")
+        guidance = float_arg("guidance", guidance)
+    guided = guidance is not None and guidance != 1.0
     if guided:
         if negative_context is None:
             raise ValueError(f"guidance={guidance} needs negative_context (the unconditional branch's text "
@@ -133,7 +167,6 @@ def progress_bar(progress: bool | str, total: int, default_desc: str):
     """A tqdm bar ticked from compiled code through `_tick`; yields its id (0 = no bar)."""
     bar_id = 0
     if progress:
-        from tqdm.auto import tqdm
         with _BAR_LOCK:
             bar_id = next(_BAR_IDS)
             _BARS[bar_id] = tqdm(total=total, desc=progress if isinstance(progress, str) else default_desc,

@@ -10,7 +10,7 @@ A `Policy` splits sparse attention into the two stages every method here shares:
   `lax.cond` that returns the stored plan instead.
 * `attend(q, k, v, plan, ctx) -> out`: the sparse attention itself. `IMPLEMENTATIONS` names the ways a
   policy can run it: "kernel" (the Pallas kernel), "reference" (its jnp reference) or "gather" (plain jnp
-  over the selected keys only, `pallas_kernels.gather_sparse`).
+  over the selected keys only, `pallas_kernels.gather_jnp`).
 
 The hook gives every layer its own policy state (stacked on a leading layer axis and threaded through the
 layer scan), its own row of per-head thresholds (`SparseState.thresholds`, (layers, heads), traced, so a
@@ -25,7 +25,7 @@ the FLOPs of mask prediction and of TMR's drift check. `sparse_summary` turns th
 ratios. The counters count what the sparse kernel computes. The other paths give the same result at
 different cost: the jnp reference (`implementation="reference"`) computes a masked dense attention, and the
 gather path (`"gather"`) computes the selected work plus padding up to static bucket widths
-(`gather_sparse.gather_work`).
+(`gather_jnp.gather_work`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ import numpy as np
 from flax import nnx, struct
 
 from vidaccel.attention import dense_attention
-from vidaccel.transforms import Denoiser, DenoiseSpec, Stages, add_work, find_state, staged_apply
+from vidaccel.transforms import (Denoiser, DenoiseSpec, Stages, abstract_embedding, add_work, branch_states, find_state, staged_apply,
+                                 wrap_denoiser)
 
 IMPLEMENTATIONS = ("kernel", "reference", "gather")
 
@@ -192,7 +193,7 @@ def sparse_attention(den: Denoiser, policy: Policy) -> Denoiser:
     if den.commit is not None:
         raise ValueError("sparse_attention supports bidirectional text-to-video denoisers; AR chunk denoisers "
                          "(with a KV cache) are not supported")
-    cfg = nnx.merge(den.graphdef, den.params).cfg
+    cfg = den.config
     if cfg.num_frame_per_block > 1:
         raise ValueError(f"sparse_attention supports bidirectional attention only; this model has "
                          f"num_frame_per_block={cfg.num_frame_per_block} (block-causal)")
@@ -204,10 +205,7 @@ def sparse_attention(den: Denoiser, policy: Policy) -> Denoiser:
 
     def init(spec: DenoiseSpec) -> SparseState:
         inner = den.init(spec)
-        x = jnp.zeros(spec.latents.shape, spec.latents.dtype)
-        t = jnp.zeros((spec.latents.shape[0],), jnp.float32)
-        ctx = jnp.zeros(spec.context.shape, spec.context.dtype)
-        emb = jax.eval_shape(lambda: st.embed(den.params, inner, x, t, ctx)[0])
+        emb = abstract_embedding(den, inner, spec)
         b, n, _ = emb.tokens.shape
         aspec = AttnSpec(b, n, heads, head_dim, num_layers, spec.num_steps, emb.tokens.dtype)
         dense_steps = int(policy.dense_steps(spec.num_steps))
@@ -251,8 +249,7 @@ def sparse_attention(den: Denoiser, policy: Policy) -> Denoiser:
         return tokens, state.replace(inner=inner, policy=pstate, counters=counters)
 
     stages = Stages(embed, blocks, st.head)
-    return Denoiser(init=init, apply=staged_apply(stages), graphdef=den.graphdef, params=den.params,
-                    name=f"sparse[{policy.name}]", stages=stages)
+    return wrap_denoiser(den, init=init, apply=staged_apply(stages), name=f"sparse[{policy.name}]", stages=stages)
 
 
 def find_sparse_state(state) -> SparseState:
@@ -269,7 +266,7 @@ def with_thresholds(state: SparseState, table) -> SparseState:
 
 
 def sparse_summary(state) -> dict:
-    """Densities, reuse and FLOP ratios from the counters, summed over CFG branches (a dict of states).
+    """Densities, reuse and FLOP ratios from the counters, summed over CFG branches.
 
     density_sparse: query-key pairs computed / dense pairs, over sparse calls (the papers' density);
     density_overall: the same over every attention call (dense warm-up included); tile_density: kernel tiles
@@ -277,8 +274,7 @@ def sparse_summary(state) -> dict:
     (attention + prediction + check FLOPs) / dense attention FLOPs over all calls; density_per_layer_head:
     (layers, heads) density over sparse calls.
     """
-    states = list(state.values()) if isinstance(state, dict) else [state]
-    sps = [find_sparse_state(s) for s in states]
+    sps = [find_sparse_state(s) for s in branch_states(state)]
     spec = sps[0].spec
     c = jax.tree.map(lambda *xs: sum(np.asarray(x, np.float64) for x in xs), *[s.counters for s in sps])
     calls, dense_calls = c.calls.sum(), c.dense_calls.sum()

@@ -1,6 +1,6 @@
-"""The Denoiser type: an (init, apply) pair over explicit state, and the dense Wan baseline.
+"""The Denoiser type: an (init, apply) pair over explicit state, and the plumbing every method shares.
 
-    den = wan_denoiser(model)                   # dense baseline; den.params holds the model's parameters
+    den = wan_denoiser(model)                   # dense baseline (models.wan); den.params holds the parameters
     den = some_method(den, cfg)                 # a method maps a Denoiser to a Denoiser, so methods compose
     state = den.init(spec)
     velocity, state = den.apply(params, state, x, t, context)
@@ -16,9 +16,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
-
-from models.wan.transformer import WanTransformer
+from flax import struct
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +67,11 @@ class Stages:
 class Denoiser:
     """A pure denoiser: `init(spec) -> state`, `apply(params, state, x, t, context) -> (velocity, state)`.
 
-    `graphdef` is the underlying transformer graph, `params` the default parameters to sample with, `stages`
-    the model call split for methods. Hashable by identity, so it can be a static argument of `jax.jit`.
-    Every state has a `work` field (wrappers keep the wrapped state in `inner`; see `work_of`).
+    `graphdef` is the underlying transformer graph, `params` the default parameters to sample with, `config`
+    the model's config (read it here instead of rebuilding the model), `stages` the model call split for
+    methods. Hashable by identity, so it can be a static argument of `jax.jit`. Every state has a `work`
+    field (wrappers keep the wrapped state in `inner`; see `work_of`). Methods build theirs with
+    `wrap_denoiser`, which carries everything they do not replace.
     """
 
     init: Callable[[DenoiseSpec], Any]
@@ -80,6 +80,7 @@ class Denoiser:
     params: Any = None
     name: str = "denoiser"
     stages: Stages | None = None
+    config: Any = None
     # AR chunk denoisers only: `commit(params, state, x0, context) -> state` finishes a chunk whose clean
     # latents are x0 (stores its K/V) and moves on to the next; methods wrapping a Denoiser pass it through.
     commit: Callable[..., Any] | None = None
@@ -109,9 +110,8 @@ def add_work(state, **counts):
 
 
 def total_work(state) -> dict[str, int]:
-    """Counters summed over CFG branches (a dict of branch states) as ints."""
-    states = state.values() if isinstance(state, dict) else [state]
-    works = [work_of(s) for s in states]
+    """Counters summed over CFG branches as ints."""
+    works = [work_of(s) for s in branch_states(state)]
     return {f: int(sum(int(getattr(w, f)) for w in works)) for f in ("calls", "block_passes", "token_layers")}
 
 
@@ -127,28 +127,42 @@ def staged_apply(stages: Stages):
 
 
 @struct.dataclass
-class DenseState:
-    work: Work
+class CFGBranches:
+    """Per-branch denoiser state under classifier-free guidance: the conditional and unconditional calls
+    keep separate states, so each branch's skip decisions stay its own (as the diffusers pipeline runs them)."""
+
+    cond: Any
+    uncond: Any
+
+    def map(self, fn: Callable[[Any], Any]) -> CFGBranches:
+        return CFGBranches(fn(self.cond), fn(self.uncond))
 
 
-def wan_denoiser(model: WanTransformer, *, attention=None) -> Denoiser:
-    """The dense baseline: every call runs the whole model. `attention` replaces dense self-attention."""
-    graphdef, params = nnx.split(model)
-    num_layers = model.cfg.num_layers
+def branch_states(state) -> list:
+    """The denoiser states of a sampler's output state: both CFG branches, or the one state without guidance."""
+    return [state.cond, state.uncond] if isinstance(state, CFGBranches) else [state]
 
-    def init(spec: DenoiseSpec) -> DenseState:
-        return DenseState(Work.zero())
 
-    def embed(params, state, x, t, context):
-        return nnx.merge(graphdef, params).embed(x, t, context), add_work(state, calls=1)
+def wrap_denoiser(den: Denoiser, *, init, apply, name: str, stages: Stages | None = None, commit=None) -> Denoiser:
+    """A method's Denoiser around `den`: new `init`/`apply` (and `stages` when the method keeps the split),
+    with the model, parameters and config carried over. An AR chunk denoiser's `commit` is passed through to
+    the wrapped state (`state.inner`) unless the method gives its own."""
+    if commit is None and den.commit is not None:
+        inner_commit = den.commit
 
-    def blocks(params, state: DenseState, emb):
-        tokens, _ = nnx.merge(graphdef, params).blocks(emb, attention=attention)
-        return tokens, add_work(state, block_passes=1, token_layers=emb.tokens.shape[1] * num_layers)
+        def commit(params, state, x0, context):
+            return state.replace(inner=inner_commit(params, state.inner, x0, context))
 
-    def head(params, tokens, emb):
-        return nnx.merge(graphdef, params).head(tokens, emb)
+    return dataclasses.replace(den, init=init, apply=apply, name=name, stages=stages, commit=commit)
 
-    stages = Stages(embed, blocks, head)
-    return Denoiser(init=init, apply=staged_apply(stages), graphdef=graphdef, params=params, name="dense",
-                    stages=stages)
+
+def abstract_embedding(den: Denoiser, state, spec: DenoiseSpec):
+    """The shapes of `den.stages.embed`'s output for one call on `spec`'s latents and context (no compute):
+    what a method sizes its per-token or per-layer state by."""
+    if den.stages is None:
+        raise ValueError(f"denoiser {den.name!r} has no stages (embed/blocks/head); wrap the staged denoiser "
+                         "(e.g. wan_denoiser or chunk_denoiser) before methods that replace the model call")
+    x = jnp.zeros(spec.latents.shape, spec.latents.dtype)
+    ctx = jnp.zeros(spec.context.shape, spec.context.dtype)
+    t = jnp.zeros((x.shape[0],), jnp.float32)
+    return jax.eval_shape(lambda: den.stages.embed(den.params, state, x, t, ctx)[0])

@@ -19,12 +19,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from models.ar.schedules import generate_timestep_matrix
 from models.wan.transformer import WanTransformer
-from vidaccel.sampling import SampleOutput, check_guidance, guided_velocity, init_branches, progress_bar, _tick
-from vidaccel.transforms import Denoiser, DenoiseSpec, wan_denoiser
+from vidaccel.sampling import SampleOutput, check_sampler_args, guided_velocity, init_branches, run_sampler, tick
+from vidaccel.transforms import Denoiser, DenoiseSpec
+from models.wan.denoiser import wan_denoiser
 
 
 def df_schedule(solver, num_frames: int, *, ar_step: int, causal_block_size: int, window_frames: int | None = None,
@@ -60,7 +60,7 @@ def _df_impl(den: Denoiser, solver, guided: bool, win: int, params, noise, conte
         v = jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(x), vw.astype(x.dtype), s0, axis=1)
         inside = (frames >= s0) & (frames < s0 + win)
         x, sstate = solver.step(sstate, idx[r], x, v, update=upd[r] & inside)
-        jax.debug.callback(_tick, bar_id, r)
+        tick(bar_id)
         return (x, sstate, dstate), None
 
     state0 = (noise, solver.init(noise), init_branches(den, spec, guided))
@@ -90,10 +90,9 @@ def df_sample(model_or_den, noise: jax.Array, context: jax.Array, *, solver, ar_
         den = model_or_den
     else:
         raise TypeError(f"df_sample needs a WanTransformer or a Denoiser, got {type(model_or_den).__name__}")
-    if noise.ndim != 5:
-        raise ValueError(f"noise must be channels-last latents (B, F, H, W, C); got shape {noise.shape}")
+    guided, negative = check_sampler_args(den, solver, noise, guidance, context, negative_context, check_finite)
     if causal_block_size is None:
-        causal_block_size = nnx.merge(den.graphdef, den.params).cfg.num_frame_per_block
+        causal_block_size = den.config.num_frame_per_block
     num_pre = 0
     if prefix is not None:
         if prefix.ndim != 5 or prefix.shape[0] != noise.shape[0] or prefix.shape[2:] != noise.shape[2:] \
@@ -105,12 +104,6 @@ def df_sample(model_or_den, noise: jax.Array, context: jax.Array, *, solver, ar_
     (tmat, idx, upd, start), win = df_schedule(solver, noise.shape[1], ar_step=ar_step,
                                                causal_block_size=causal_block_size, window_frames=window_frames,
                                                num_pre_ready=num_pre)
-    guided, negative = check_guidance(guidance, context, negative_context, noise, check_finite)
-    if params is None:
-        params = den.params
-    with progress_bar(progress, int(tmat.shape[0]), "diffusion forcing") as bar_id:
-        out = _df_jit(den, solver, guided, win, params, noise, context, negative,
-                      jnp.float32(guidance if guided else 1.0), tmat, idx, upd, start, jnp.int32(bar_id))
-        jax.block_until_ready(out.latents)
-        jax.effects_barrier()
-    return out
+    return run_sampler(_df_jit, den, solver, guided, win, den.params if params is None else params, noise, context,
+                       negative, jnp.float32(guidance if guided else 1.0), tmat, idx, upd, start,
+                       progress=progress, total=int(tmat.shape[0]), desc="diffusion forcing")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from vidaccel.attention import AttentionInfo, block_causal_mask
-from vidaccel.kvcache import KVQuantConfig, QuantizedKV, bytes_held, init_quantized_kv, quantize_keys, quantize_values
+from pallas_kernels.kv_quantization import KVQuantConfig, QuantizedKV, bytes_held, init_quantized_kv, quantize_keys, quantize_values
 
 STORAGES = ("float32", "bfloat16", "int8", "int4")
 
@@ -183,7 +183,7 @@ def layer_state(cache):
 # ------------------------------------------------------------------------------------------ quantized storage
 @struct.dataclass
 class QuantizedKVCache:
-    """The cache in int8 / int4 (`vidaccel.kvcache` layout: keys per channel in token groups, values per
+    """The cache in int8 / int4 (`pallas_kernels.kv_quantization` layout: keys per channel in token groups, values per
     token), every `QuantizedKV` field stacked on a leading layer axis. The current chunk's own K/V are the
     full-precision recent window; slots fill as a prefix (then in a ring), so the filled count is the
     quantized-attention kernel's `length`."""

@@ -19,7 +19,7 @@ The cache holds `sink_chunks` first chunks for good plus a rolling window of the
 chunks, placed in a ring of slots (a new chunk overwrites the oldest non-sink one); `window_chunks=None`
 keeps every chunk. RoPE is applied before caching, so attention sees true relative frame distances.
 
-K/V storage (`kv_storage`): float32 or bfloat16 arrays, or int8 / int4 codes in the `vidaccel.kvcache` layout
+K/V storage (`kv_storage`): float32 or bfloat16 arrays, or int8 / int4 codes in the `pallas_kernels.kv_quantization` layout
 (keys per channel in groups of `kv_group_size` tokens, values per token, `kv_scale_dtype` scales), read by
 the quantized-KV attention kernel on GPU (`kv_attention="auto"`) or its jnp reference elsewhere; the
 chunk being denoised is the full-precision recent window. `kv_cache_bytes(out.state)` reports bytes held.
@@ -50,9 +50,9 @@ from models.ar.kv_cache import (STORAGES, cached_attention, capturing_queries, i
 from models.wan.transformer import WanTransformer
 from vidaccel.checks import int_arg
 from vidaccel.kv_compression import KVCompressionConfig, compress_cache, compression_due
-from vidaccel.kvcache import SCALE_DTYPES
-from vidaccel.sampling import check_guidance, denoise_loop, init_branches, progress_bar
-from vidaccel.transforms import DenoiseSpec, Denoiser, Stages, Work, find_state, staged_apply
+from pallas_kernels.kv_quantization import SCALE_DTYPES
+from vidaccel.sampling import check_sampler_args, denoise_loop, init_branches, run_sampler
+from vidaccel.transforms import CFGBranches, DenoiseSpec, Denoiser, Stages, Work, branch_states, find_state, staged_apply
 
 KV_MODES = ("clean", "last_step")
 
@@ -239,7 +239,7 @@ def chunk_denoiser(model: WanTransformer, config: RolloutConfig = RolloutConfig(
         return state.replace(chunk=state.chunk + 1, step=jnp.zeros((), jnp.int32))
 
     return Denoiser(init=init, apply=staged_apply(stages), graphdef=graphdef, params=params,
-                    name=f"ar_{config.kv_mode}", stages=stages, commit=commit)
+                    name=f"ar_{config.kv_mode}", stages=stages, commit=commit, config=model.cfg)
 
 
 def _maybe_compress(cache, queries, emb, compress: KVCompressionConfig):
@@ -270,8 +270,8 @@ def _rollout_impl(den, solver, guided, num_chunks, params, noise, context, negat
     def per_chunk(dstate, x_noise):
         x0, dstate = denoise_loop(den, solver, guided, params, x_noise, context, negative, guidance, dstate, bar_id)
         if guided:
-            dstate = {"cond": den.commit(params, dstate["cond"], x0, context),
-                      "uncond": den.commit(params, dstate["uncond"], x0, negative)}
+            dstate = CFGBranches(den.commit(params, dstate.cond, x0, context),
+                                 den.commit(params, dstate.uncond, x0, negative))
         else:
             dstate = den.commit(params, dstate, x0, context)
         return dstate, x0
@@ -292,8 +292,6 @@ def rollout(model_or_den, noise: jax.Array, context: jax.Array, *, solver, guida
     model_or_den: a block-causal `WanTransformer`, or a `chunk_denoiser` (possibly wrapped by a method).
     noise: (B, F, H, W, C) with F a multiple of the chunk length. Other arguments as in `sample()`.
     """
-    if noise.ndim != 5:
-        raise ValueError(f"noise must be channels-last latents (B, F, H, W, C); got shape {noise.shape}")
     if isinstance(model_or_den, WanTransformer):
         den = chunk_denoiser(model_or_den, config)
     else:
@@ -301,20 +299,15 @@ def rollout(model_or_den, noise: jax.Array, context: jax.Array, *, solver, guida
         if getattr(den, "commit", None) is None:
             raise TypeError("rollout needs a block-causal WanTransformer or a chunk_denoiser (a Denoiser with "
                             "`commit`)")
+    guided, negative = check_sampler_args(den, solver, noise, guidance, context, negative_context, check_finite)
     num_chunks = _num_chunks(den, noise)
-    guided, negative = check_guidance(guidance, context, negative_context, noise, check_finite)
-    if params is None:
-        params = den.params
-    with progress_bar(progress, num_chunks * solver.num_steps, "rollout") as bar_id:
-        out = _rollout_jit(den, solver, guided, num_chunks, params, noise, context, negative,
-                           jnp.float32(guidance if guided else 1.0), jnp.int32(bar_id))
-        jax.block_until_ready(out.latents)
-        jax.effects_barrier()
-    return out
+    return run_sampler(_rollout_jit, den, solver, guided, num_chunks, den.params if params is None else params,
+                       noise, context, negative, jnp.float32(guidance if guided else 1.0),
+                       progress=progress, total=num_chunks * solver.num_steps, desc="rollout")
 
 
 def _num_chunks(den: Denoiser, noise) -> int:
-    cfg = nnx.merge(den.graphdef, den.params).cfg
+    cfg = den.config
     fpb = cfg.num_frame_per_block * cfg.patch_size[0]
     if noise.shape[1] % fpb:
         raise ValueError(f"noise has {noise.shape[1]} latent frames; it must be a multiple of the chunk length "
@@ -329,7 +322,6 @@ def chunk_state_of(state) -> ChunkState:
 
 def kv_cache_bytes(state) -> int:
     """Bytes held by the rollout's KV cache(s) (both CFG branches when guided; method wrappers followed)."""
-    states = state.values() if isinstance(state, dict) else [state]
-    return int(sum(chunk_state_of(s).cache.nbytes() for s in states))
+    return int(sum(chunk_state_of(s).cache.nbytes() for s in branch_states(state)))
 
 

@@ -336,16 +336,6 @@ def check_inputs(cfg: WanConfig, x, t, context) -> tuple[int, int, int]:
     return grid
 
 
-def assert_finite(name: str, value) -> None:
-    """Raise ValueError when a concrete array holds NaN or Inf (a no-op on tracers: check before jit)."""
-    if isinstance(value, jax.core.Tracer):
-        return
-    arr = np.asarray(value)
-    if not np.all(np.isfinite(arr)):
-        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-        raise ValueError(f"{name} holds {bad} non-finite values (NaN or Inf) out of {arr.size}")
-
-
 def init_transformer(cfg: WanConfig, seed: int = 0) -> WanTransformer:
     """A freshly initialised model (official Wan init: xavier Linear, zero head, N(0, 0.02) embeddings)."""
     return WanTransformer(cfg, rngs=nnx.Rngs(seed))

@@ -37,7 +37,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from vidaccel.demo import run_demo
+    from experiments.demo import run_demo
 
     run_demo(args.out, num_prompts=args.prompts, steps=args.steps, guidance=args.guidance, seed=args.seed,
              methods=args.methods)
@@ -45,7 +45,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    from vidaccel.demo import DEFAULT_OUT, DEMO_METHODS
+    from experiments.demo import DEFAULT_OUT, DEMO_METHODS
 
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default %(default)s)")
     p.add_argument("--prompts", type=int, default=4, help="number of held-out prompts (default %(default)s)")

@@ -22,7 +22,7 @@ GIF_SCALE = 4
 
 
 def _dense(model):
-    from vidaccel.transforms import wan_denoiser
+    from models.wan.denoiser import wan_denoiser
 
     return wan_denoiser(model)
 

@@ -1,4 +1,4 @@
-"""The plain-jnp gather path (`pallas_kernels.gather_sparse`) against the references and a kernel, its buckets
+"""The plain-jnp gather path (`pallas_kernels.gather_jnp`) against the references and a kernel, its buckets
 and schedule, its errors, and a counting check (XLA's cost analysis) that it really computes less."""
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels import gather_sparse as G
+from pallas_kernels import gather_jnp as G
 from pallas_kernels import reference as R
 from test_block_sparse_attention import TOL, finite, qkv, random_block_mask, rel_l2
 
