@@ -8,14 +8,23 @@ with q (B, Tq, heads, head_dim) and k, v (B, Tk, heads, head_dim) after RoPE, `i
 (frames of queries and keys, the layer index inside the layer scan, the block-causal setting), and
 `layer_state` whatever per-layer state the policy threads through the layer scan (None for dense).
 Sparse policies, KV caches and quantized-KV reads are all such functions.
+
+Every attention that has more than one implementation chooses it with one vocabulary, resolved here
+(`resolve_backend`): "kernel" (the Pallas kernel: compiled on GPU/TPU, interpret mode on CPU), "gather"
+(plain jnp that computes only the selected keys; sparse attention only), "reference" (the pure-jnp masked
+dense reference: same result, dense cost) and "auto" (the kernel on an accelerator; on CPU the gather path
+where there is one, else the reference, since the Pallas interpreter is for tests, not speed).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, Callable
 
 import jax
 from flax import struct
+
+BACKENDS = ("auto", "kernel", "gather", "reference")
 
 
 @struct.dataclass
@@ -53,6 +62,21 @@ def dense_attention(q, k, v, info: AttentionInfo, layer_state=None, *, implement
     return out, layer_state
 
 
+def resolve_backend(backend: str, *, allowed: Collection[str] = BACKENDS, name: str = "backend") -> str:
+    """The concrete implementation for `backend` (one of `allowed`, which always includes "auto").
+
+    "auto" becomes "kernel" on GPU/TPU, and "gather" (if allowed) or else "reference" on CPU.
+    """
+    allowed = tuple(allowed)
+    if backend not in allowed or backend not in BACKENDS:
+        raise ValueError(f"{name}={backend!r} is not allowed here; choose one of {allowed}")
+    if backend != "auto":
+        return backend
+    if jax.default_backend() in ("gpu", "tpu"):
+        return "kernel"
+    return "gather" if "gather" in allowed else "reference"
+
+
 def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Unmasked attention over text tokens (Wan attends to the zero-padded rows as well)."""
     return jax.nn.dot_product_attention(q, k, v)
@@ -63,5 +87,5 @@ def attention_flops(num_q: int, num_k: int, heads: int, head_dim: int, density: 
     return 4.0 * num_q * num_k * heads * head_dim * density
 
 
-__all__ = ["AttentionInfo", "SelfAttention", "block_causal_mask", "dense_attention", "cross_attention",
-           "attention_flops"]
+__all__ = ["BACKENDS", "AttentionInfo", "SelfAttention", "block_causal_mask", "dense_attention", "resolve_backend",
+           "cross_attention", "attention_flops"]

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from vidaccel.attention import AttentionInfo, block_causal_mask
+from vidaccel.attention import AttentionInfo, block_causal_mask, resolve_backend
 from pallas_kernels.kv_quantization import KVQuantConfig, QuantizedKV, bytes_held, init_quantized_kv, quantize_keys, quantize_values
 
 STORAGES = ("float32", "bfloat16", "int8", "int4")
@@ -68,16 +68,14 @@ def cached_attention(cache, *, write_at: int | jax.Array | None = None, implemen
     traced) stores the chunk's keys/values at slots `write_at .. write_at + N - 1` of each layer, replacing
     whatever was there (a rolling window evicts that way); finish with `store` to record frames and validity.
     A `QuantizedKVCache` is read by the quantized-KV attention kernel (`implementation="kernel"`) or its
-    jnp reference (`"reference"`); "auto" takes the kernel on GPU and the reference elsewhere (the kernel's
-    CPU interpret mode is for tests). Cached tokens are all earlier chunks, so no frame mask is needed there.
+    jnp reference (`"reference"`); "auto" takes the kernel on GPU/TPU and the reference on CPU
+    (`vidaccel.attention.resolve_backend`). Cached tokens are all earlier chunks, so no frame mask is needed there.
     The chunk's keys have the frames `info.kv_frames` (the queries' own frames unless the blocks were given
     `kv_frames`, as a partial forward over a chunk buffer is).
     """
     if isinstance(cache, QuantizedKVCache):
-        if implementation == "auto":
-            implementation = "kernel" if jax.default_backend() == "gpu" else "reference"
-        if implementation not in ("kernel", "reference"):
-            raise ValueError(f"implementation={implementation!r} is invalid; allowed: auto, kernel, reference")
+        implementation = resolve_backend(implementation, allowed=("auto", "kernel", "reference"),
+                                         name="implementation")
         return _quantized_attention(cache, write_at, implementation)
     def attention(q, k, v, info: AttentionInfo, layer_state):
         k_l, v_l = layer_state
