@@ -174,3 +174,28 @@ def test_errors(pair):
         M.ssim(x, ref, sigma=0)
     with pytest.raises(ValueError, match="metric='lpips'"):
         M.drift_over_frames(x, ref, metric="lpips")
+
+
+def test_data_range_takes_concrete_jax_and_numpy_scalars(pair):
+    """A JAX/NumPy scalar data_range (e.g. jnp.float32(2)) works like the Python float; traced or <= 0 is an error."""
+    x, ref = pair
+    want = np.asarray(M.psnr(x, ref, 2.0))
+    np.testing.assert_allclose(want, np.asarray(M.psnr(x, ref)) + 20 * np.log10(2.0), rtol=1e-5)
+    for dr in (jnp.float32(2), jnp.asarray(2.0), jnp.bfloat16(2), np.float64(2), np.int32(2), 2):
+        np.testing.assert_allclose(np.asarray(M.psnr(x, ref, data_range=dr)), want, rtol=1e-6)
+    dr = jnp.float32(2)
+    np.testing.assert_allclose(np.asarray(M.psnr_per_frame(x, ref, dr)), np.asarray(M.psnr_per_frame(x, ref, 2.0)))
+    np.testing.assert_allclose(np.asarray(M.ssim(x, ref, dr, sigma=jnp.float32(1.5))), np.asarray(M.ssim(x, ref, 2.0)))
+    np.testing.assert_allclose(np.asarray(M.drift_over_frames(x, ref, dr, metric="psnr")),
+                               np.asarray(M.psnr_per_frame(x, ref, 2.0)))
+    np.testing.assert_allclose(np.asarray(M.fidelity(x, ref, dr)["psnr"]), want)
+    for bad, shown in ((jnp.float32(0), "Array(0., dtype=float32)"), (np.float64(-1), "np.float64(-1.0)"),
+                       (jnp.ones(2), "Array([1., 1.], dtype=float32)"), (True, "True"), (float("nan"), "nan")):
+        with pytest.raises(ValueError) as err:
+            M.psnr(x, ref, data_range=bad)
+        assert str(err.value) == (f"psnr: data_range={shown} is invalid; allowed: a positive number, the span of "
+                                  "valid pixel values (1.0 for [0, 1]), as a Python, NumPy or concrete JAX scalar")
+    with pytest.raises(TypeError, match=r"psnr: data_range is a traced JAX value .* must be concrete"):
+        jax.jit(lambda a, b, d: M.psnr(a, b, d))(x, ref, 2.0)
+    with pytest.raises(TypeError, match=r"ssim: data_range is a traced JAX value"):
+        jax.jit(lambda a, b, d: M.ssim(a, b, d))(x, ref, 2.0)

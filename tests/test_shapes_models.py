@@ -9,7 +9,9 @@ import pytest
 from flax import nnx
 
 from models.shapes.latents import LATENT_CHANNELS, LATENT_FRAMES, TEXT_DIM
-from models.shapes.pretrained import load_shapes_model, training_info
+from models.shapes.pretrained import dense_denoiser, generate_t2v, load_shapes_model, training_info
+from models.shapes.prompts import GRAMMAR, sample_prompts
+from vidaccel import sampling
 from models.shapes.train import TrainConfig, lr_schedule, main as train_main, make_batch, shapes_config, train
 
 
@@ -27,6 +29,37 @@ def test_load_errors(tmp_path):
         load_shapes_model("big")
     with pytest.raises(FileNotFoundError, match="train it with"):
         load_shapes_model("t2v", path=tmp_path)
+
+
+def test_generate_t2v_refuses_bad_prompts_before_sampling():
+    model = load_shapes_model("t2v")
+    with pytest.raises(ValueError, match=r"no prompts given; pass at least one, e.g. \['a small red circle"):
+        generate_t2v(model, [])
+    for bad, why in (("a small red circle moving right on a black background", "expected a speed word"),
+                     ("", "word 0 is '<end of prompt>'")):
+        with pytest.raises(ValueError) as err:
+            generate_t2v(model, [sample_prompts(1, 0)[0], bad], steps=1)
+        assert str(err.value).startswith(f"prompts[1]: cannot parse prompt {bad!r}") and why in str(err.value)
+        assert GRAMMAR in str(err.value)
+
+
+def test_generate_t2v_takes_one_str_and_reuses_its_compiled_sampler():
+    """A model's dense Denoiser is made once, so a second call neither builds a new one nor compiles again;
+    the model's current parameters are used."""
+    model = load_shapes_model("t2v")
+    prompt = sample_prompts(1, 3, "heldout")[0]
+    den = dense_denoiser(model)
+    assert dense_denoiser(model) is den and dense_denoiser(load_shapes_model("t2v")) is not den
+    one = generate_t2v(model, prompt, steps=2)                     # a str is one prompt, not one per character
+    assert one.latents.shape == (1, LATENT_FRAMES, 16, 16, LATENT_CHANNELS)
+    compiled = sampling._sample_jit._cache_size()
+    again = generate_t2v(model, [prompt], steps=2)
+    np.testing.assert_array_equal(again.latents, one.latents)
+    assert sampling._sample_jit._cache_size() == compiled and dense_denoiser(model) is den
+    nnx.update(model, jax.tree.map(lambda a: a * 0.5, nnx.state(model, nnx.Param)))   # new weights, same model
+    changed = generate_t2v(model, prompt, steps=2)
+    assert sampling._sample_jit._cache_size() == compiled and dense_denoiser(model) is den
+    assert not np.array_equal(changed.latents, one.latents)
 
 
 def test_batches_are_pure_in_seed_and_step():
@@ -81,7 +114,7 @@ def test_training_resumes_exactly(tmp_path):
 
 
 def test_demo_writes_report_and_gifs(tmp_path):
-    from vidaccel.demo import run_demo
+    from experiments.demo import run_demo
 
     report = run_demo(tmp_path, num_prompts=1, steps=2, methods=["dense"], log=lambda *a: None)
     assert (tmp_path / "dense.gif").stat().st_size > 0

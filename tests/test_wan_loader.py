@@ -1,15 +1,18 @@
 """Checkpoint loaders: every layout reproduces the diffusers output; every fault gives one clear error."""
 
 import json
+import logging
+import os
 import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
-from models.wan import load_transformer, restore_converted
-from models.wan.loader import official_to_diffusers_key
-from models.wan.safetensors_reader import SafetensorsFile
+from models.wan import load_transformer, restore_converted, save_converted
+from models.wan import loader as wan_loader
+from models.wan.loader import official_to_diffusers_key, read_converted
 from tests.wan_fixtures import FIXTURES, case_io, rel_l2
 
 A = FIXTURES / "a"
@@ -43,14 +46,110 @@ def test_bf16_checkpoint_and_bf16_dtype():
     assert rel_l2(np.asarray(y, np.float32), ref) <= 5e-2
 
 
-def test_orbax_round_trip(tmp_path):
+def test_orbax_round_trip(tmp_path, monkeypatch):
     m = load_transformer(A / "model", cache_dir=tmp_path / "cache")
     assert (tmp_path / "cache" / "wan_config.json").exists()
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")] == []  # no temp file left
     r = restore_converted(tmp_path / "cache")
     _check_output(r)
-    again = load_transformer(tmp_path / "does-not-matter", cache_dir=tmp_path / "cache")
-    _check_output(again)
     assert r.cfg == m.cfg
+    cfg, source = read_converted(tmp_path / "cache")
+    assert cfg == m.cfg and source["checkpoint"] == str((A / "model").resolve()) and source["dtype"] == "float32"
+    monkeypatch.setattr(wan_loader, "_load_weights", _no_conversion)
+    _check_output(load_transformer(A / "model", cache_dir=tmp_path / "cache"))  # restored, not converted
+    with pytest.raises(FileNotFoundError, match=r"does-not-matter does not exist.*use restore_converted"):
+        load_transformer(tmp_path / "does-not-matter", cache_dir=tmp_path / "cache")
+
+
+def _no_conversion(*args):
+    raise AssertionError("converted the checkpoint although the cache matches it")
+
+
+def _scaled_copy(tmp_path, name, factor):
+    """A copy of fixture a's checkpoint with every tensor times `factor`: same config, other weights."""
+    d = _copy(tmp_path / name)
+    _rewrite(d / "diffusion_pytorch_model.safetensors", lambda t: {k: v * factor for k, v in t.items()})
+    return d
+
+
+def test_cache_of_another_checkpoint_is_converted_again(tmp_path, caplog):
+    """A cache made from checkpoint A, asked for checkpoint B, gives B (and says so), not A."""
+    cache = tmp_path / "cache"
+    a = load_transformer(A / "model", cache_dir=cache)
+    b_dir = _scaled_copy(tmp_path, "b", 0.5)
+    x, t, ctx, ref = case_io("a")
+    with caplog.at_level(logging.WARNING, logger="models.wan.loader"):
+        b = load_transformer(b_dir, cache_dir=cache)
+    want = load_transformer(b_dir)
+    np.testing.assert_array_equal(np.asarray(b(x, t, ctx)), np.asarray(want(x, t, ctx)))
+    assert rel_l2(b(x, t, ctx), a(x, t, ctx)) > 0.1
+    msg = caplog.text
+    assert str(b_dir) in msg and str(cache) in msg and f"another checkpoint, {(A / 'model').resolve()}" in msg
+    assert read_converted(cache)[1]["checkpoint"] == str(b_dir.resolve())   # the cache now holds B
+    np.testing.assert_array_equal(np.asarray(restore_converted(cache)(x, t, ctx)), np.asarray(want(x, t, ctx)))
+    # another architecture (fixture b) into the same cache works too
+    xb, tb, cb, refb = case_io("b")
+    assert rel_l2(load_transformer(FIXTURES / "b" / "model", cache_dir=cache)(xb, tb, cb), refb) <= 1e-5
+
+
+def test_cache_is_converted_again_when_files_or_dtype_change(tmp_path, caplog):
+    d = _scaled_copy(tmp_path, "ckpt", 1.0)
+    cache = tmp_path / "cache"
+    load_transformer(d, cache_dir=cache)
+    f = d / "diffusion_pytorch_model.safetensors"
+    _rewrite(f, lambda t: {k: v * 0.5 for k, v in t.items()})        # same path and size, new weights
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    x, t, ctx, _ = case_io("a")
+    with caplog.at_level(logging.WARNING, logger="models.wan.loader"):
+        got = load_transformer(d, cache_dir=cache)
+    assert "the checkpoint's files changed" in caplog.text
+    np.testing.assert_array_equal(np.asarray(got(x, t, ctx)), np.asarray(load_transformer(d)(x, t, ctx)))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="models.wan.loader"):
+        m16 = load_transformer(d, "bfloat16", cache_dir=cache)
+    assert "it holds float32 parameters, not bfloat16" in caplog.text
+    assert m16.layers.attn1.to_q.kernel.dtype == jnp.bfloat16 and read_converted(cache)[1]["dtype"] == "bfloat16"
+
+
+def test_cache_honours_num_frame_per_block(tmp_path, monkeypatch):
+    """An override that changes no parameter applies to the restored model without converting again."""
+    cache = tmp_path / "cache"
+    load_transformer(A / "model", cache_dir=cache)
+    monkeypatch.setattr(wan_loader, "_load_weights", _no_conversion)
+    m = load_transformer(A / "model", cache_dir=cache, num_frame_per_block=3)
+    assert m.cfg.num_frame_per_block == 3 and m.cfg.block_causal
+    assert read_converted(cache)[0].num_frame_per_block == 1    # the cache itself is unchanged
+
+
+def test_interrupted_save_and_corrupt_marker(tmp_path):
+    cache = tmp_path / "cache"
+    load_transformer(A / "model", cache_dir=cache)
+    marker = cache / "wan_config.json"
+    text = marker.read_text()
+    marker.write_text(text[: len(text) // 2])                       # truncated marker
+    for call in (lambda: restore_converted(cache), lambda: load_transformer(A / "model", cache_dir=cache)):
+        with pytest.raises(ValueError, match="corrupt or truncated") as err:
+            call()
+        assert str(marker) in str(err.value) and f"delete the folder {cache}" in str(err.value)
+    marker.unlink()                                                 # params saved, marker never written
+    with pytest.raises(ValueError, match=r"no wan_config.json; .*interrupted \(delete the folder"):
+        restore_converted(cache)
+    _check_output(load_transformer(A / "model", cache_dir=cache))   # converts again
+    _check_output(restore_converted(cache))
+
+
+def test_save_without_source_and_old_marker_format(tmp_path, caplog):
+    """Folders of save_converted without a source (training exports) and bare-config markers still restore;
+    as a load_transformer cache they are converted again."""
+    m = load_transformer(A / "model")
+    save_converted(m, tmp_path / "export")
+    assert read_converted(tmp_path / "export") == (m.cfg, None)
+    marker = tmp_path / "export" / "wan_config.json"
+    marker.write_text(json.dumps(json.loads(marker.read_text())["config"]))    # the old format
+    _check_output(restore_converted(tmp_path / "export"))
+    with caplog.at_level(logging.WARNING, logger="models.wan.loader"):
+        _check_output(load_transformer(A / "model", cache_dir=tmp_path / "export"))
+    assert "does not record which checkpoint" in caplog.text
 
 
 def test_official_key_renames():
@@ -71,10 +170,7 @@ def _copy(tmp_path, folder="model"):
 
 def _rewrite(path, edit):
     """Rewrite one safetensors file through the header, with `edit(dict) -> dict` of numpy arrays."""
-    from safetensors.numpy import save_file
-    st = SafetensorsFile(path)
-    tensors = edit({k: np.array(st.read(k)) for k in st.keys()})
-    save_file(tensors, str(path))
+    save_file(edit(load_file(str(path))), str(path))
 
 
 def test_missing_key(tmp_path):
@@ -103,7 +199,11 @@ def test_truncated_file(tmp_path):
     d = _copy(tmp_path)
     f = d / "diffusion_pytorch_model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(ValueError, match="truncated") as err:
+        load_transformer(d)
+    assert str(f) in str(err.value)
+    f.write_bytes(b"\x05\x00")
+    with pytest.raises(ValueError, match=r"not a readable safetensors file .*header too small.*truncated"):
         load_transformer(d)
 
 

@@ -13,6 +13,10 @@ with floating dtype, and is jittable. Conventions (as in TeaCache's and FlowCach
 - `relative_l1` = sum|x - ref| / sum|ref|, `relative_l2` = ||x - ref||_2 / ||ref||_2 per video.
   A zero reference gives 0 when x equals it and +inf otherwise.
 - `drift_over_frames`: the per-frame curve of one of these errors, for drift along a rollout.
+
+`data_range` (and SSIM's `sigma`, `k1`, `k2`) are compile-time constants: Python, NumPy or concrete JAX
+scalars, converted to float; a traced value is a TypeError. (`vidaccel.metrics.relative_l1` is this fidelity
+error between videos, not the step-to-step change that residual caches threshold.)
 """
 
 from __future__ import annotations
@@ -47,11 +51,26 @@ def _ratio(num: jax.Array, den: jax.Array) -> jax.Array:
     return jnp.where(den > 0, num / safe, jnp.where(num > 0, jnp.inf, 0.0))
 
 
+def _positive(value, name: str, fn: str, allowed: str = "a positive number") -> float:
+    """`value` as a Python float, for a static (compile-time) argument of a jitted metric.
+
+    Python, NumPy and concrete JAX scalars are accepted; a traced value cannot be (it would have to be known
+    when compiling), nor can bools, arrays with more than one element or values that are not > 0 and finite.
+    """
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{fn}: {name} is a traced JAX value ({value}); it must be concrete, as it is a constant of "
+                        "the compiled metric: pass a Python number, or compute it outside jax.jit")
+    arr = np.asarray(value)
+    real = jnp.issubdtype(arr.dtype, jnp.integer) or jnp.issubdtype(arr.dtype, jnp.floating)  # not bool/complex
+    if arr.ndim != 0 or not real or not (np.isfinite(arr) and arr > 0):
+        raise ValueError(f"{fn}: {name}={value!r} is invalid; allowed: {allowed}, as a Python, NumPy or concrete "
+                         "JAX scalar")
+    return float(arr)
+
+
 def _check_range(data_range, name: str) -> float:
-    if isinstance(data_range, bool) or not isinstance(data_range, numbers.Real) or not data_range > 0:
-        raise ValueError(f"{name}: data_range={data_range!r} is invalid; allowed: a positive Python number "
-                         "(the span of valid pixel values, 1.0 for [0, 1])")
-    return float(data_range)
+    return _positive(data_range, "data_range", name,
+                     "a positive number, the span of valid pixel values (1.0 for [0, 1])")
 
 
 def _psnr_from_mse(mse: jax.Array, data_range: float) -> jax.Array:
@@ -65,18 +84,24 @@ def mse_per_frame(x, ref) -> jax.Array:
     return jnp.mean((x - ref) ** 2, axis=(-3, -2, -1))
 
 
-@partial(jax.jit, static_argnames=("data_range",))
 def psnr(x, ref, data_range: float = 1.0) -> jax.Array:
     """PSNR in dB per video (...,), from the MSE over all frames; +inf for identical videos."""
+    return _psnr(x, ref, _check_range(data_range, "psnr"))
+
+
+@partial(jax.jit, static_argnames=("data_range",))
+def _psnr(x, ref, data_range: float) -> jax.Array:
     x, ref = _check(x, ref, "psnr")
-    data_range = _check_range(data_range, "psnr")
     return _psnr_from_mse(jnp.mean((x - ref) ** 2, axis=(-4, -3, -2, -1)), data_range)
 
 
-@partial(jax.jit, static_argnames=("data_range",))
 def psnr_per_frame(x, ref, data_range: float = 1.0) -> jax.Array:
     """PSNR in dB per frame (..., T)."""
-    data_range = _check_range(data_range, "psnr_per_frame")
+    return _psnr_per_frame(x, ref, _check_range(data_range, "psnr_per_frame"))
+
+
+@partial(jax.jit, static_argnames=("data_range",))
+def _psnr_per_frame(x, ref, data_range: float) -> jax.Array:
     return _psnr_from_mse(mse_per_frame(x, ref), data_range)
 
 
@@ -99,17 +124,22 @@ def _filter_valid(img: jax.Array, g: jax.Array) -> jax.Array:
     return out[:, 0]
 
 
-@partial(jax.jit, static_argnames=("data_range", "win_size", "sigma", "k1", "k2"))
 def ssim_per_frame(x, ref, data_range: float = 1.0, *, win_size: int = 11, sigma: float = 1.5, k1: float = 0.01,
                    k2: float = 0.03) -> jax.Array:
     """SSIM per frame (..., T): mean over valid window positions and channels."""
-    x, ref = _check(x, ref, "ssim_per_frame")
-    data_range = _check_range(data_range, "ssim")
-    if isinstance(win_size, bool) or not isinstance(win_size, int) or win_size < 1 or win_size % 2 == 0:
+    return _ssim_per_frame(x, ref, *_ssim_args(data_range, win_size, sigma, k1, k2))
+
+
+def _ssim_args(data_range, win_size, sigma, k1, k2) -> tuple:
+    if isinstance(win_size, bool) or not isinstance(win_size, numbers.Integral) or win_size < 1 or win_size % 2 == 0:
         raise ValueError(f"ssim: win_size={win_size!r} is invalid; allowed: an odd int >= 1")
-    for name, v in (("sigma", sigma), ("k1", k1), ("k2", k2)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v > 0:
-            raise ValueError(f"ssim: {name}={v!r} is invalid; allowed: a positive number")
+    return (_check_range(data_range, "ssim"), int(win_size), _positive(sigma, "sigma", "ssim"),
+            _positive(k1, "k1", "ssim"), _positive(k2, "k2", "ssim"))
+
+
+@partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _ssim_per_frame(x, ref, data_range: float, win_size: int, sigma: float, k1: float, k2: float) -> jax.Array:
+    x, ref = _check(x, ref, "ssim_per_frame")
     *lead, t, h, w, c = x.shape
     if h < win_size or w < win_size:
         raise ValueError(f"ssim: frames of {h}x{w} are smaller than the {win_size}x{win_size} window")
@@ -133,7 +163,6 @@ def ssim_per_frame(x, ref, data_range: float = 1.0, *, win_size: int = 11, sigma
     return s.reshape(*lead, t, c, -1).mean(axis=(-2, -1))
 
 
-@partial(jax.jit, static_argnames=("data_range", "win_size", "sigma", "k1", "k2"))
 def ssim(x, ref, data_range: float = 1.0, *, win_size: int = 11, sigma: float = 1.5, k1: float = 0.01,
          k2: float = 0.03) -> jax.Array:
     """SSIM per video (...,): the mean of `ssim_per_frame` over frames."""
@@ -156,11 +185,15 @@ def relative_l2(x, ref) -> jax.Array:
     return _ratio(jnp.sqrt(jnp.sum((x - ref) ** 2, ax)), jnp.sqrt(jnp.sum(ref**2, ax)))
 
 
-@partial(jax.jit, static_argnames=("data_range", "metric"))
 def drift_over_frames(x, ref, data_range: float = 1.0, *, metric: str = "relative_l2") -> jax.Array:
     """Per-frame error curve (..., T) of `metric`, one of DRIFT_METRICS (default relative L2)."""
     if metric not in DRIFT_METRICS:
         raise ValueError(f"drift_over_frames: metric={metric!r} is invalid; allowed: {DRIFT_METRICS}")
+    return _drift(x, ref, _check_range(data_range, "drift_over_frames"), metric)
+
+
+@partial(jax.jit, static_argnums=(2, 3))
+def _drift(x, ref, data_range: float, metric: str) -> jax.Array:
     x, ref = _check(x, ref, "drift_over_frames")
     ax = (-3, -2, -1)
     if metric == "mse":

@@ -35,6 +35,7 @@ from models.shapes.prompts import (
     VOCABULARY,
     Scene,
     SceneObject,
+    check_prompts,
     parse_prompt,
     prompt_split,
     sample_prompts,
@@ -47,6 +48,6 @@ __all__ = [
     "LATENT_FRAMES", "LATENT_SIZE", "MAX_OBJECTS", "PIXEL_MEAN", "PIXEL_STD", "SHAPES", "SIZES",
     "SPATIAL_GROUP", "SPEEDS", "TEMPORAL_GROUP", "TEXT_DIM", "TEXT_LEN", "VIDEO_FRAMES", "VIDEO_SIZE",
     "VOCABULARY", "Scene", "SceneObject", "adherence", "decode_latents", "encode_prompts", "encode_video",
-    "measure_pixel_stats", "parse_prompt", "prompt_split", "prompt_tokens", "render", "render_batch",
+    "measure_pixel_stats", "check_prompts", "parse_prompt", "prompt_split", "prompt_tokens", "render", "render_batch",
     "sample_prompts", "sample_scene", "score_video", "to_uint8", "trajectories",
 ]

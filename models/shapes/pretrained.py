@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from models.shapes.latents import LATENT_CHANNELS, LATENT_FRAMES, LATENT_SIZE, decode_latents, encode_prompts
+from models.shapes.prompts import check_prompts
+from models.wan.denoiser import wan_denoiser
 from models.wan.loader import restore_converted
 from models.wan.transformer import WanTransformer
+from vidaccel.sampling import sample
+from vidaccel.solvers import unipc
+from vidaccel.transforms import Denoiser
 
 CHECKPOINT_ROOT = Path(__file__).parent / "checkpoints"
 SHAPES_MODELS = ("t2v", "ar")
@@ -70,16 +77,38 @@ class Generation:
     state: object            # the denoiser's final state (work counters, method state)
 
 
-def generate_t2v(model_or_denoiser, prompts: list[str], *, seed: int = 0, steps: int = DEFAULT_STEPS,
+_DENSE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> its dense Denoiser
+
+
+def dense_denoiser(model: WanTransformer) -> Denoiser:
+    """The dense `Denoiser` of `model`, made once per model (and again only if its graph changes).
+
+    `sample` jits with the Denoiser as a static argument hashed by identity, so a new one per call would
+    compile the whole sampler again on every call.
+    """
+    if not isinstance(model, WanTransformer):
+        raise TypeError(f"expected a WanTransformer or a Denoiser, got {type(model).__name__}")
+    den = _DENSE.get(model)
+    if den is None or den.graphdef != nnx.graphdef(model):
+        den = _DENSE[model] = wan_denoiser(model)
+    return den
+
+
+def generate_t2v(model_or_denoiser, prompts: str | list[str], *, seed: int = 0, steps: int = DEFAULT_STEPS,
                  guidance: float | None = DEFAULT_GUIDANCE, solver=None, progress: bool | str = False,
                  params=None) -> Generation:
-    """Sample videos for `prompts` with a text-to-video model or any `Denoiser` (UniPC `steps`, CFG `guidance`)."""
-    from vidaccel.sampling import sample
-    from vidaccel.solvers import unipc
-    from vidaccel.transforms import Denoiser, wan_denoiser
+    """Sample videos for `prompts` with a text-to-video model or any `Denoiser` (UniPC `steps`, CFG `guidance`).
 
-    den = model_or_denoiser if isinstance(model_or_denoiser, Denoiser) else wan_denoiser(model_or_denoiser)
-    ctx = jnp.asarray(encode_prompts(list(prompts)))
+    `prompts`: one prompt str or a non-empty list, each in the shapes grammar (else a ValueError saying
+    which and why). A model gets its cached `dense_denoiser`, run on the model's current parameters.
+    """
+    prompts = check_prompts(prompts)
+    if isinstance(model_or_denoiser, Denoiser):
+        den = model_or_denoiser
+    else:
+        den = dense_denoiser(model_or_denoiser)
+        params = nnx.state(model_or_denoiser) if params is None else params
+    ctx = jnp.asarray(encode_prompts(prompts))
     guided = guidance is not None and float(guidance) != 1.0
     t0 = time.perf_counter()
     out = sample(den, params, latent_noise(len(prompts), seed), ctx, solver=solver or unipc(steps),

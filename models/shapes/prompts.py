@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -59,6 +60,10 @@ FUNCTION_WORDS: tuple[str, ...] = ("a", "moving", "and", "on", "background")
 VOCABULARY: tuple[str, ...] = (*SIZES, *COLORS, *SHAPES, *DIRECTIONS, *SPEEDS, *BACKGROUNDS)
 HELDOUT_PERCENT = 10
 SPLITS = ("train", "heldout")
+GRAMMAR = ('prompt := object ("and" object)* "on a" BACKGROUND "background"   (1 to 3 objects, distinct colours)\n'
+           'object := "a" SIZE COLOR SHAPE "moving" DIRECTION SPEED')
+EXAMPLE_PROMPT = ("a small red circle moving up-left slowly and a large blue square moving right quickly on a gray "
+                  "background")
 
 
 def _check_word(kind: str, value: object, allowed) -> None:
@@ -135,9 +140,19 @@ class Scene:
 
 
 def parse_prompt(prompt: str) -> Scene:
-    """Parse a prompt of the grammar above back to its `Scene` (case and extra whitespace are ignored)."""
+    """Parse a prompt of the grammar above back to its `Scene` (case and extra whitespace are ignored).
+
+    Any deviation is a ValueError naming the prompt and what is wrong, followed by the grammar and an example.
+    """
     if not isinstance(prompt, str):
         raise TypeError(f"parse_prompt expects a str, got {type(prompt).__name__}: {prompt!r}")
+    try:
+        return _parse(prompt)
+    except ValueError as err:
+        raise ValueError(f"{err}\nShapes prompts follow the grammar\n{GRAMMAR}\ne.g. {EXAMPLE_PROMPT!r}") from None
+
+
+def _parse(prompt: str) -> Scene:
     words = prompt.lower().split()
     pos = 0
 
@@ -145,7 +160,7 @@ def parse_prompt(prompt: str) -> Scene:
         nonlocal pos
         got = words[pos] if pos < len(words) else "<end of prompt>"
         if got not in allowed:
-            want = repr(allowed) if isinstance(allowed, str) else f"a {kind} word {sorted(allowed)}"
+            want = repr(allowed[0]) if len(allowed) == 1 else f"a {kind} word {sorted(allowed)}"
             raise ValueError(f"cannot parse prompt {prompt!r}: word {pos} is {got!r}, expected {want}")
         pos += 1
         return got
@@ -167,7 +182,30 @@ def parse_prompt(prompt: str) -> Scene:
     take("noun", ("background",))
     if pos != len(words):
         raise ValueError(f"cannot parse prompt {prompt!r}: unexpected words after the end: {words[pos:]}")
-    return Scene(tuple(objects), background)
+    try:
+        return Scene(tuple(objects), background)
+    except ValueError as err:
+        raise ValueError(f"invalid prompt {prompt!r}: {err}") from None
+
+
+def check_prompts(prompts: str | Iterable[str]) -> list[str]:
+    """`prompts` as a list (one str is one prompt), each checked against the grammar with `parse_prompt`.
+
+    A ValueError names the first bad prompt by index and says what is wrong; an empty list is refused too.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, Iterable):
+        raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}: {prompts!r}")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError(f"no prompts given; pass at least one, e.g. [{EXAMPLE_PROMPT!r}]")
+    for i, p in enumerate(prompts):
+        try:
+            parse_prompt(p)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"prompts[{i}]: {err}") from None
+    return prompts
 
 
 def as_scene(scene_or_prompt: Scene | str) -> Scene:
