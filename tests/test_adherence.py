@@ -9,7 +9,14 @@ import pytest
 from scipy import ndimage
 
 import models.shapes as S
-from models.shapes.adherence import CHANCE, CRITERIA, main, score_video
+from models.shapes.adherence import (
+    CHANCE,
+    CRITERIA,
+    MID_VIDEO_DIRECTION_CHANCE,
+    main,
+    same_up_to_reflection,
+    score_video,
+)
 
 N = 64
 
@@ -180,8 +187,6 @@ def test_mid_video_segments_of_long_renders():
     """Later 16-frame segments of 96-frame renders: objects have bounced, so the strict first-step rule fails
     direction on many, while mid_video (any bounce phase, direction up to reflections) scores them like
     whole renders; shuffled segments and another prompt's segments stay low."""
-    from models.shapes.adherence import MID_VIDEO_DIRECTION_CHANCE, same_up_to_reflection
-
     assert same_up_to_reflection("right", "left") and not same_up_to_reflection("right", "up")
     assert same_up_to_reflection("up-right", "down-left") and MID_VIDEO_DIRECTION_CHANCE == 0.375
     prompts = S.sample_prompts(24, seed=1, split="heldout")

@@ -13,8 +13,7 @@ LAYERS = {"pallas_kernels": 0, "vidaccel": 1, "models": 2, "experiments": 3}
 
 def _modules():
     for top in LAYERS:
-        for path in sorted((ROOT / top).rglob("*.py")):
-            yield path
+        yield from sorted((ROOT / top).rglob("*.py"))
 
 
 def _package_of(path: Path) -> str:

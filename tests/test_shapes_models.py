@@ -8,11 +8,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from experiments.demo import run_demo
+from experiments.shapes_diagnose import denoise_by_level
+from experiments.shapes_diagnose import main as diagnose_main
 from models.shapes.latents import LATENT_CHANNELS, LATENT_FRAMES, TEXT_DIM
 from models.shapes.pretrained import dense_denoiser, generate_t2v, load_shapes_model, training_info
 from models.shapes.prompts import GRAMMAR, sample_prompts
+from models.shapes.train import TrainConfig, lr_schedule, make_batch, shapes_config, train
+from models.shapes.train import main as train_main
 from vidaccel import sampling
-from models.shapes.train import TrainConfig, lr_schedule, main as train_main, make_batch, shapes_config, train
 
 
 @pytest.mark.parametrize("name", ["t2v", "ar"])
@@ -114,8 +118,6 @@ def test_training_resumes_exactly(tmp_path):
 
 
 def test_demo_writes_report_and_gifs(tmp_path):
-    from experiments.demo import run_demo
-
     report = run_demo(tmp_path, num_prompts=1, steps=2, methods=["dense"], log=lambda *a: None)
     assert (tmp_path / "dense.gif").stat().st_size > 0
     saved = json.loads((tmp_path / "report.json").read_text())
@@ -128,9 +130,6 @@ def test_demo_writes_report_and_gifs(tmp_path):
 
 def test_diagnosis_denoises_noised_ground_truth():
     """At noise level 0 the x0 estimate is the ground truth; at 0.1 the trained model must restore it."""
-    from experiments.shapes_diagnose import denoise_by_level
-    from models.shapes import sample_prompts
-
     rows = denoise_by_level(load_shapes_model("t2v"), sample_prompts(2, 0, "heldout"), seed=0, levels=(0.0, 0.1))
     assert [r["noise_level"] for r in rows] == [0.0, 0.1]
     assert rows[0]["x0_mse"] == 0.0 and rows[0]["score"] >= 0.98
@@ -138,8 +137,6 @@ def test_diagnosis_denoises_noised_ground_truth():
 
 
 def test_diagnosis_cli_refuses_no_prompts(capsys):
-    from experiments.shapes_diagnose import main as diagnose_main
-
     with pytest.raises(SystemExit):
         diagnose_main(["--n", "0"])
     assert "--n=0 must be >= 1" in capsys.readouterr().err

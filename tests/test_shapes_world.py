@@ -66,12 +66,10 @@ def test_parse_errors_show_the_grammar_and_a_valid_example():
 
 
 def test_check_prompts():
-    from models.shapes.prompts import check_prompts
-
-    assert check_prompts(PROMPT_3) == [PROMPT_3]                              # one str is one prompt
-    assert check_prompts((p for p in [PROMPT_3, PROMPT_3])) == [PROMPT_3, PROMPT_3]
+    assert S.check_prompts(PROMPT_3) == [PROMPT_3]                              # one str is one prompt
+    assert S.check_prompts(p for p in [PROMPT_3, PROMPT_3]) == [PROMPT_3, PROMPT_3]
     with pytest.raises(ValueError, match=r"no prompts given; pass at least one, e.g. \['a small red circle"):
-        check_prompts([])
+        S.check_prompts([])
     cases = [("a small red circle moving up on a gray background", "cannot parse prompt", "expected a speed word"),
              ("", "cannot parse prompt ''", "word 0 is '<end of prompt>'"),
              ("red circle", "cannot parse prompt 'red circle'", "expected 'a'"),
@@ -79,25 +77,23 @@ def test_check_prompts():
               "invalid prompt", "distinct colours")]
     for bad, what, why in cases:
         with pytest.raises(ValueError) as e:
-            check_prompts([PROMPT_3, bad])
+            S.check_prompts([PROMPT_3, bad])
         msg = str(e.value)
         assert msg.startswith(f"prompts[1]: {what}") and why in msg and S.prompts.GRAMMAR in msg
     with pytest.raises(TypeError, match=r"prompts\[0\]: parse_prompt expects a str, got int"):
-        check_prompts([3])
+        S.check_prompts([3])
     with pytest.raises(TypeError, match="prompts must be a str or a list of str, got int"):
-        check_prompts(3)
+        S.check_prompts(3)
 
 
 def test_evaluation_training_and_docs_prompts_follow_the_grammar():
-    from models.shapes.prompts import check_prompts
-
-    check_prompts(S.sample_prompts(64, seed=0, split="heldout"))             # the evaluation set
-    check_prompts(S.sample_prompts(500, seed=1, unique=False))               # what train.make_batch draws
+    S.check_prompts(S.sample_prompts(64, seed=0, split="heldout"))             # the evaluation set
+    S.check_prompts(S.sample_prompts(500, seed=1, unique=False))               # what train.make_batch draws
     root = Path(__file__).parent.parent
     docs = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
     quoted = [q for f in docs for q in re.findall(r"[\"'](a (?:small|large) [a-z -]+?)[\"']", f.read_text())]
     assert any("moving right slowly on a black background" in q for q in quoted)  # docs/shapes_models.md's
-    check_prompts(quoted)
+    S.check_prompts(quoted)
 
 
 def test_parse_rejects_repeated_colour_and_too_many_objects():

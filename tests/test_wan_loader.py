@@ -175,14 +175,16 @@ def _rewrite(path, edit):
 
 def test_missing_key(tmp_path):
     d = _copy(tmp_path)
-    _rewrite(d / "diffusion_pytorch_model.safetensors", lambda t: {k: v for k, v in t.items() if "blocks.1.ffn" not in k})
+    weights = d / "diffusion_pytorch_model.safetensors"
+    _rewrite(weights, lambda t: {k: v for k, v in t.items() if "blocks.1.ffn" not in k})
     with pytest.raises(ValueError, match=r"missing keys \(4\): blocks.1.ffn.net.0.proj.bias"):
         load_transformer(d)
 
 
 def test_unexpected_key(tmp_path):
     d = _copy(tmp_path)
-    _rewrite(d / "diffusion_pytorch_model.safetensors", lambda t: {**t, "blocks.0.extra.weight": np.ones(3, np.float32)})
+    weights = d / "diffusion_pytorch_model.safetensors"
+    _rewrite(weights, lambda t: {**t, "blocks.0.extra.weight": np.ones(3, np.float32)})
     with pytest.raises(ValueError, match=r"unexpected keys \(1\): blocks.0.extra.weight"):
         load_transformer(d)
 

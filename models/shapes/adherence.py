@@ -38,14 +38,25 @@ CHANCE; persistence has no attribute to guess.
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from models.shapes.prompts import (BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, SIZES, SPEEDS, Scene, as_scene,
-                                   sample_prompts)
+from models.shapes.prompts import (
+    BACKGROUNDS,
+    COLORS,
+    DIRECTIONS,
+    SHAPES,
+    SIZES,
+    SPEEDS,
+    Scene,
+    as_scene,
+    sample_prompts,
+)
 from models.shapes.render import centroid_offset, coverage, fold, render_batch
 
 CRITERIA = ("background", "color", "shape", "size", "direction", "speed", "persistence")
@@ -191,7 +202,7 @@ def _split_subpixel(c: float) -> tuple[int, int]:
     return q // _SUBPIXEL, q % _SUBPIXEL
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _template_bank(shape: str, size: str, fx: int, fy: int) -> tuple[np.ndarray, ...]:
     """Coverage of a shape centred at (_WINDOW + fx/_SUBPIXEL, _WINDOW + fy/_SUBPIXEL) of a (2 _WINDOW + 1)^2
     window, once per TEMPLATE_BLURS sigma (read-only constants, cached)."""
@@ -340,9 +351,6 @@ def _segment_validation(prompts, seed: int, frames: int = 128, seg: int = 16) ->
 def main(argv: list[str] | None = None) -> None:
     """Print (and with --out save) `validation` as JSON. Run it as
     ``python -c "from models.shapes.adherence import main; main()" [--n 64] [--seed 0] [--out FILE.json]``."""
-    import argparse
-    import json
-
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import hashlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from models.shapes.prompts import FUNCTION_WORDS, VOCABULARY
-from models.shapes.render import VIDEO_FRAMES, VIDEO_SIZE
+from models.shapes.prompts import FUNCTION_WORDS, VOCABULARY, sample_prompts
+from models.shapes.render import VIDEO_FRAMES, VIDEO_SIZE, render
 
 TEMPORAL_GROUP = 2
 SPATIAL_GROUP = 2
@@ -41,9 +43,6 @@ POSITION_SCALE = 1.0
 def _xp(x):
     if isinstance(x, np.ndarray):
         return np
-    import jax.numpy as jnp
-    import jax
-
     if isinstance(x, jax.Array):
         return jnp
     raise TypeError(f"expected a numpy or JAX array, got {type(x).__name__}")
@@ -115,9 +114,6 @@ def to_uint8(video):
 
 def measure_pixel_stats(num_videos: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Per-RGB mean and std of pixels in [0, 1] over `num_videos` training renders (what PIXEL_MEAN/STD hold)."""
-    from models.shapes.prompts import sample_prompts
-    from models.shapes.render import render
-
     prompts = sample_prompts(num_videos, seed, "train")
     x = np.stack([render(p, seed=seed * 100_003 + i) for i, p in enumerate(prompts)]).astype(np.float64) / 255.0
     x = x.reshape(-1, 3)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import queue
 import threading
@@ -39,13 +40,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from models.shapes.latents import LATENT_CHANNELS, LATENT_FRAMES, TEXT_DIM, encode_prompts, encode_video
 from models.shapes.prompts import sample_prompts
 from models.shapes.render import render_batch
 from models.wan.config import WanConfig
-from models.wan.loader import save_converted
+from models.wan.loader import restore_converted, save_converted
 from models.wan.transformer import init_transformer
 
 MODEL_NAMES = ("t2v", "ar")
@@ -166,8 +168,6 @@ def make_train_step(graphdef, tc: TrainConfig):
 
 
 def train(tc: TrainConfig, run_dir: Path, export_dir: Path, log_every: int = 25) -> dict:
-    import orbax.checkpoint as ocp
-
     cfg = shapes_config(tc.name)
     model = init_transformer(cfg, seed=tc.seed)
     if tc.init_from is not None:
@@ -212,8 +212,6 @@ def train(tc: TrainConfig, run_dir: Path, export_dir: Path, log_every: int = 25)
 
 def _load_weights_into(model, folder: Path) -> None:
     """Copy the parameters of the exported model at `folder` into `model` (every shape must match)."""
-    from models.wan.loader import restore_converted
-
     src = nnx.state(restore_converted(folder), nnx.Param)
     dst = nnx.state(model, nnx.Param)
     src_shapes = jax.tree.map(lambda a: a.shape, src)
@@ -235,7 +233,8 @@ def export(tc: TrainConfig, cfg: WanConfig, graphdef, state, export_dir: Path, w
 
 def _machine() -> str:
     devs = jax.devices()
-    return f"{platform.machine()} {devs[0].platform} x{len(devs)}, {len(__import__('os').sched_getaffinity(0))} cores, jax {jax.__version__}"
+    cores = len(os.sched_getaffinity(0))
+    return f"{platform.machine()} {devs[0].platform} x{len(devs)}, {cores} cores, jax {jax.__version__}"
 
 
 def main(argv: list[str] | None = None) -> None:
