@@ -1,11 +1,6 @@
-"""One module per paper (config with the paper's defaults, the transform, the command reproducing its table),
-plus the evaluations of the embedded models.
-
-`RESULTS_ROOT` is the repository's `results/` folder: commands write there by default (relative to the
-working directory, like any CLI), and files the library reads back at run time (calibrations used by
-`vidaccel demo`) are looked up there wherever the command is started from.
+"""The application layer: one module (or package) per paper (config with the paper's defaults, the transform,
+the command reproducing its table), a shared harness for those commands, the embedded models' presets
+(`shapes_presets`, reading the calibrations packaged in `calibrations/`), the evaluations of the embedded
+models, and the `vidaccel` CLI and demo. Commands write under `results/` relative to the working directory;
+nothing reads `results/` at run time.
 """
-
-from pathlib import Path
-
-RESULTS_ROOT = Path(__file__).resolve().parents[1] / "results"

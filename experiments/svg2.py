@@ -8,10 +8,11 @@ when no centroid moves more than `kmeans_tol`); centroid attention S = C_q C_k^T
 size-weighted softmax over key clusters, P_ij ~ |K_j| exp(S_ij); per query cluster keep the sorted prefix
 up to and including the cluster whose cumulative probability crosses top_p, and at least
 floor(min_kc_ratio * k_c) clusters; permute Q by its labels and K, V by theirs so clusters are contiguous;
-run the variable-range Pallas kernel (`implementation="kernel"`) and inverse-permute the output. The
-gather path (`"gather"`) runs the same permuted ranges through plain jnp, each query tile over its selected
-key tokens only. The jnp reference path (`"reference"`) applies the same cluster mask to unpermuted tokens
-with masked dense attention.
+run the variable-range Pallas kernel (`backend="kernel"`) and inverse-permute the output. The gather path
+(`"gather"`) runs the same permuted ranges through plain jnp, each query tile over its selected key tokens
+only. The jnp reference path (`"reference"`) applies the same cluster mask to unpermuted tokens with masked
+dense attention. `"auto"` is the kernel on GPU/TPU and the gather path on CPU. The embedded model's setting
+is `experiments.shapes_presets.svg2_shapes()`.
 
 Choices and deviations (docs/sparse_attention.md): k-means is initialised from distinct random tokens
 (the reference draws with replacement, which can start two centroids on one token); the returned
@@ -30,20 +31,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from pallas_kernels import (ALLOWED_BLOCKS, cluster_sparse_attention, cluster_sparse_attention_gather,
-                            clusters_to_ranges)
+from pallas_kernels import ALLOWED_BLOCKS, cluster_sparse_attention, cluster_sparse_attention_gather, clusters_to_ranges
 from pallas_kernels.reference import masked_attention
-from vidaccel.sparse_attention import IMPLEMENTATIONS, AttnContext, AttnSpec, Policy, PredictStats
+from vidaccel.attention import BACKENDS, resolve_backend
+from vidaccel.checks import bool_arg, choice_arg, float_arg, int_arg
+from vidaccel.sparse_attention import AttnContext, AttnSpec, Policy, PredictStats
 
 
 def _floor(x: float) -> int:
     """floor, tolerant of float noise (0.2 * 50 -> 10)."""
     return int(math.floor(x + 1e-9))
-
-
-def _pos_int(name, v, minimum=1):
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"SVG2Config.{name}={v!r} is invalid: an int >= {minimum}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +52,9 @@ class SVG2Config:
     kmeans_tol: early-stop centroid shift (1e-4); dense_step_fraction: first floor(f * steps) steps dense
     (0.2); dense_layer_fraction: first floor(f * layers) layers dense (0.03); block_q / block_k: the
     kernel's query tile and key chunk (128 / 64, the SVG Triton fallback's BLOCK_M / BLOCK_N);
-    implementation: "kernel", "reference" (masked dense) or "gather" (plain jnp, selected keys only); seed:
-    k-means initialisation; interpret: kernel mode.
+    backend: "kernel", "reference" (masked dense), "gather" (plain jnp, selected keys only) or "auto" (kernel
+    on GPU/TPU, gather on CPU; resolved when the policy is built); seed: k-means initialisation; interpret:
+    kernel mode (None = automatic).
     """
 
     num_q_clusters: int = 300
@@ -70,14 +68,14 @@ class SVG2Config:
     dense_layer_fraction: float = 0.03
     block_q: int = 128
     block_k: int = 64
-    implementation: str = "kernel"
+    backend: str = "auto"
     seed: int = 0
     interpret: bool | None = None
 
     def __post_init__(self):
         for name in ("num_q_clusters", "num_k_clusters", "kmeans_iter_init", "kmeans_iter_step"):
-            _pos_int(name, getattr(self, name))
-        _pos_int("seed", self.seed, 0)
+            int_arg(f"SVG2Config.{name}", getattr(self, name), minimum=1)
+        int_arg("SVG2Config.seed", self.seed, minimum=0)
         t = np.asarray(self.top_p, np.float64)
         if t.ndim > 2 or not np.all(np.isfinite(t)) or np.any(t < 0) or np.any(t > 1):
             raise ValueError(f"SVG2Config.top_p={self.top_p!r} is invalid: a number in [0, 1], or a (heads,) / "
@@ -85,31 +83,13 @@ class SVG2Config:
         if t.ndim:
             object.__setattr__(self, "top_p", tuple(t.tolist()) if t.ndim == 1 else tuple(tuple(r) for r in t.tolist()))
         for name in ("min_kc_ratio", "dense_step_fraction", "dense_layer_fraction"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                raise ValueError(f"SVG2Config.{name}={v!r} is invalid: a number in [0, 1]")
-        tol = self.kmeans_tol
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-            raise ValueError(f"SVG2Config.kmeans_tol={self.kmeans_tol!r} is invalid: a number >= 0")
+            float_arg(f"SVG2Config.{name}", getattr(self, name), low=0, high=1)
+        float_arg("SVG2Config.kmeans_tol", self.kmeans_tol, low=0)
         for name in ("block_q", "block_k"):
-            if getattr(self, name) not in ALLOWED_BLOCKS:
-                raise ValueError(f"SVG2Config.{name}={getattr(self, name)!r} is invalid; allowed: {ALLOWED_BLOCKS}")
-        if self.implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"SVG2Config.implementation={self.implementation!r} is invalid; allowed: "
-                             f"{IMPLEMENTATIONS}")
-        if self.interpret not in (None, True, False):
-            raise ValueError(f"SVG2Config.interpret={self.interpret!r} is invalid; allowed: None, True, False")
-
-
-def svg2_shapes(**overrides) -> SVG2Config:
-    """The setting used on the embedded shapes model (512 tokens): 16 query / 32 key clusters, tiles 32 / 16.
-
-    Average cluster sizes 32 (Q) and 16 (K) tokens, the same order of ratio as Wan 720p's 300 / 1000
-    clusters (252 / 76 tokens); the kernel tiles follow the cluster sizes.
-    """
-    kw = dict(num_q_clusters=16, num_k_clusters=32, block_q=32, block_k=16)
-    kw.update(overrides)
-    return SVG2Config(**kw)
+            choice_arg(f"SVG2Config.{name}", getattr(self, name), ALLOWED_BLOCKS)
+        choice_arg("SVG2Config.backend", self.backend, BACKENDS)
+        if self.interpret is not None:
+            bool_arg("SVG2Config.interpret", self.interpret)
 
 
 @struct.dataclass
@@ -227,6 +207,7 @@ def svg2(cfg: SVG2Config = SVG2Config()) -> Policy:
     if not isinstance(cfg, SVG2Config):
         raise TypeError(f"svg2 needs an SVG2Config, got {type(cfg).__name__}")
     qc, kc = cfg.num_q_clusters, cfg.num_k_clusters
+    backend = resolve_backend(cfg.backend, name="SVG2Config.backend")
 
     def init(spec: AttnSpec) -> SVG2State:
         for name, c in (("num_q_clusters", qc), ("num_k_clusters", kc)):
@@ -259,11 +240,11 @@ def svg2(cfg: SVG2Config = SVG2Config()) -> Policy:
         return plan, SVG2State(cq, ck, jnp.bool_(True)), PredictStats.ran(flops)
 
     def attend(q, k, v, plan: SVG2Plan, ctx: AttnContext):
-        if cfg.implementation == "reference":
+        if backend == "reference":
             mask = label_token_mask(plan.cluster_mask, plan.q_labels, plan.k_labels)
             return masked_attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]))
         qp, kp, vp = _per_head(q, plan.q_perm), _per_head(k, plan.k_perm), _per_head(v, plan.k_perm)
-        if cfg.implementation == "gather":
+        if backend == "gather":
             out = cluster_sparse_attention_gather(qp, kp, vp, plan.kv_ranges, q_ranges=plan.q_ranges,
                                                   block_q=cfg.block_q, block_k=cfg.block_k)
         else:
@@ -280,5 +261,5 @@ def svg2(cfg: SVG2Config = SVG2Config()) -> Policy:
                   tiles_dense=tiles_dense)
 
 
-__all__ = ["SVG2Config", "svg2_shapes", "SVG2State", "SVG2Plan", "cluster_sizes", "kmeans", "random_centroids",
+__all__ = ["SVG2Config", "SVG2State", "SVG2Plan", "cluster_sizes", "kmeans", "random_centroids",
            "select_clusters", "label_token_mask", "range_tiles", "svg2"]

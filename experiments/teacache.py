@@ -1,7 +1,7 @@
 """TeaCache (Liu et al., CVPR'25) for Wan: presets with the published coefficients, and a calibration tool.
 
     den = teacache(wan_denoiser(model), wan21_teacache("1.3b", thresh=0.08, use_ret_steps=False))
-    cal = calibrate(wan_denoiser(model), noise, context, solver=unipc(50))   # fit the polynomial for any model
+    cal = calibrate_teacache(wan_denoiser(model), noise, context, solver=unipc(50))   # fit for any model
     thresh, frac = choose_threshold(teacache_config(1.0, cal.coefficients), cal.input_change, 50, 0.5)
 
 Rule (see `vidaccel.residual_cache`): accumulate the polynomial-rescaled relative L1 change of the timestep
@@ -13,23 +13,23 @@ TeaCache keeps one state for the whole video (scope "video").
 
 Calibration (TeaCache issue #2's recipe): a dense run records, per call, the indicator's relative L1 change
 and the block-stack output's; `np.polyfit(input, output, 4)`. `choose_threshold` then replays the rule on
-the recorded changes to pick the threshold computing a target fraction of the calls. `shapes_t2v_teacache`
-is the embedded t2v model's TeaCache (the demo entry).
+the recorded changes to pick the threshold computing a target fraction of the calls. The embedded t2v model's
+TeaCache (calibrated presets, the demo entry) is `experiments.shapes_presets.shapes_teacache`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from experiments import RESULTS_ROOT
-from vidaccel.residual_cache import INDICATORS, ResidualCacheConfig, relative_l1, residual_cache
+from models.ar.rollout import RolloutConfig, rollout
+from vidaccel.checks import choice_arg
+from vidaccel.residual_cache import INDICATORS, ResidualCacheConfig, relative_change, residual_cache
+from vidaccel.sampling import sample
 from vidaccel.transforms import Denoiser, DenoiseSpec, abstract_embedding, branch_states, wrap_denoiser
 
 # Published TeaCache4Wan2.1 coefficients (highest degree first), keyed by (model, use_ret_steps).
@@ -73,6 +73,8 @@ def teacache(den: Denoiser, cfg: ResidualCacheConfig) -> Denoiser:
 # ----------------------------------------------------------------------------------------------- calibration
 @struct.dataclass
 class ProbeState:
+    """`probe`'s state: the wrapped denoiser's, the previous call's indicator and block output, and the record."""
+
     inner: object
     prev_ind: jax.Array
     prev_out: jax.Array
@@ -85,7 +87,7 @@ def probe(den: Denoiser, indicator: str) -> Denoiser:
     """A dense denoiser that records, per call, the indicator's and the block output's relative L1 change."""
     if den.stages is None:
         raise ValueError(f"probe needs a staged denoiser; {den.name!r} has none")
-    st, ind_fn = den.stages, INDICATORS[indicator]
+    st, ind_fn = den.stages, INDICATORS[choice_arg("indicator", indicator, tuple(INDICATORS))]
 
     def init(spec: DenoiseSpec) -> ProbeState:
         inner = den.init(spec)
@@ -101,8 +103,8 @@ def probe(den: Denoiser, indicator: str) -> Denoiser:
         ind = ind_fn(emb).astype(jnp.float32)
         i = state.count
         state = ProbeState(inner, ind, tokens.astype(jnp.float32), i + 1,
-                           state.input_change.at[i].set(relative_l1(ind, state.prev_ind)),
-                           state.output_change.at[i].set(relative_l1(tokens, state.prev_out)))
+                           state.input_change.at[i].set(relative_change(ind, state.prev_ind)),
+                           state.output_change.at[i].set(relative_change(tokens, state.prev_out)))
         return st.head(params, tokens, emb), state
 
     return wrap_denoiser(den, init=init, apply=apply, name="probe")
@@ -110,6 +112,8 @@ def probe(den: Denoiser, indicator: str) -> Denoiser:
 
 @dataclasses.dataclass
 class Calibration:
+    """Fitted TeaCache coefficients (highest degree first) and the recorded changes they were fitted on."""
+
     coefficients: tuple[float, ...]
     input_change: np.ndarray      # (runs, calls) recorded changes, one run per CFG branch (all its calls)
     output_change: np.ndarray
@@ -135,20 +139,16 @@ def fit_coefficients(input_change: np.ndarray, output_change: np.ndarray, degree
     return Calibration(tuple(float(c) for c in coeffs), inp, outp, err, steps, float(x.max()))
 
 
-def calibrate(den: Denoiser, noise: jax.Array, context: jax.Array, *, solver, indicator: str = "e0",
-              guidance: float | None = None, negative_context=None, degree: int = 4,
-              rollout_config=None) -> Calibration:
+def calibrate_teacache(den: Denoiser, noise: jax.Array, context: jax.Array, *, solver, indicator: str = "e0",
+                       guidance: float | None = None, negative_context=None, degree: int = 4,
+                       rollout_config=None) -> Calibration:
     """Fit TeaCache coefficients for any model: run dense sampling (or an AR rollout when `den` has `commit`)
     recording both changes per call, then fit output change as a polynomial of indicator change.
 
     Each CFG branch and each batch is one run of samples (the changes are taken over the whole batch).
     """
-    from vidaccel.sampling import sample
-
     pden = probe(den, indicator)
     if den.commit is not None:
-        from models.ar.rollout import RolloutConfig, rollout
-
         out = rollout(pden, noise, context, solver=solver, guidance=guidance, negative_context=negative_context,
                       config=rollout_config or RolloutConfig())
     else:
@@ -160,46 +160,5 @@ def calibrate(den: Denoiser, noise: jax.Array, context: jax.Array, *, solver, in
     return fit_coefficients(inp, outp, degree, steps=solver.num_steps)
 
 
-# ----------------------------------------------------------------------------------- the embedded t2v model
-T2V_CALIBRATION = RESULTS_ROOT / "caching" / "teacache_t2v.json"
-DEFAULT_TARGETS = (("slow", 0.5), ("fast", 0.3))
-
-
-def calibrate_shapes_t2v(model, *, num_prompts: int = 4, steps: int = 50, guidance: float = 5.0, seed: int = 0,
-                         targets=DEFAULT_TARGETS) -> dict:
-    """TeaCache for the embedded t2v model: fit the polynomial on `num_prompts` training-split prompts and
-    choose each target's threshold (the fraction of calls computed, replayed on the recorded changes).
-    Returns a JSON-ready dict: coefficients, max_change, thresholds, replayed fractions, fit error."""
-    from models.shapes import encode_prompts, sample_prompts
-    from models.shapes.pretrained import latent_noise
-    from vidaccel.residual_cache import choose_threshold
-    from vidaccel.solvers import unipc
-    from models.wan.denoiser import wan_denoiser
-
-    prompts = sample_prompts(num_prompts, 1, "train")
-    ctx = jnp.asarray(encode_prompts(prompts))
-    cal = calibrate(wan_denoiser(model), latent_noise(num_prompts, seed + 1000), ctx, solver=unipc(steps),
-                    indicator="e0", guidance=guidance, negative_context=jnp.zeros_like(ctx))
-    th, frac = {}, {}
-    for speed, target in targets:
-        th[speed], frac[speed] = choose_threshold(teacache_config(1.0, cal.coefficients, max_change=cal.input_max),
-                                                  cal.input_change, steps, target)
-    return {"coefficients": list(cal.coefficients), "max_change": cal.input_max, "thresholds": th,
-            "replayed_fractions": frac, "targets": dict(targets), "fit_relative_error": cal.fit_relative_error,
-            "steps": steps, "guidance": guidance, "prompts": prompts}
-
-
-def shapes_t2v_teacache(model, speed: str = "slow", *, calibration: dict | None = None,
-                        path: Path = T2V_CALIBRATION) -> Denoiser:
-    """TeaCache on the embedded t2v model (the `vidaccel demo` entry), with the calibrated coefficients and
-    `speed` threshold from `calibration`, else from `path` (written by `python -m experiments.cache_table`),
-    else from a fresh `calibrate_shapes_t2v` on 2 prompts. Thresholds are for the calibration's step count."""
-    from models.wan.denoiser import wan_denoiser
-
-    if calibration is None:
-        calibration = json.loads(path.read_text()) if path.exists() else calibrate_shapes_t2v(model, num_prompts=2)
-    if speed not in calibration["thresholds"]:
-        raise ValueError(f"speed={speed!r} is invalid; allowed: {list(calibration['thresholds'])}")
-    cfg = teacache_config(calibration["thresholds"][speed], calibration["coefficients"],
-                          max_change=calibration["max_change"])
-    return teacache(wan_denoiser(model), cfg)
+__all__ = ["WAN21_COEFFICIENTS", "RET_WARMUP", "teacache_config", "wan21_teacache", "teacache", "ProbeState", "probe",
+           "Calibration", "fit_coefficients", "calibrate_teacache"]

@@ -8,8 +8,10 @@ scale by 1/(sqrt(d) * stride), softmax over all key groups, and sum the probabil
 (block, block) sub-grid to get a block importance A[I, J]. Each query block keeps the smallest prefix of
 its blocks, sorted by importance, whose mass reaches tau * (row total): block J is kept while the mass of
 the blocks sorted before it is still below tau * total. The selected blocks run through the Pallas
-block-sparse kernel (`implementation="kernel"`), its jnp reference (`"reference"`, masked dense) or the
-plain-jnp gather path (`"gather"`, selected blocks only).
+block-sparse kernel (`backend="kernel"`), its jnp reference (`"reference"`, masked dense) or the
+plain-jnp gather path (`"gather"`, selected blocks only); `"auto"` is the kernel on GPU/TPU and the gather
+path on CPU (`vidaccel.attention.resolve_backend`). The embedded model's setting is
+`experiments.shapes_presets.xattention_shapes()`.
 
 Published quirks, reproduced and named (see docs/sparse_attention.md):
 * `keep_first_block`: the reference selection redirects excluded positions to index 0, so key block 0 is
@@ -30,10 +32,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from pallas_kernels import (ALLOWED_BLOCKS, BlockIndices, block_mask_to_indices, block_sparse_attention,
-                            block_sparse_attention_gather)
+from pallas_kernels import (
+    ALLOWED_BLOCKS,
+    BlockIndices,
+    block_mask_to_indices,
+    block_sparse_attention,
+    block_sparse_attention_gather,
+)
 from pallas_kernels.reference import block_sparse_attention_reference
-from vidaccel.sparse_attention import IMPLEMENTATIONS, AttnContext, AttnSpec, Policy, PredictStats
+from vidaccel.attention import BACKENDS, resolve_backend
+from vidaccel.checks import bool_arg, choice_arg, int_arg
+from vidaccel.sparse_attention import AttnContext, AttnSpec, Policy, PredictStats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +52,10 @@ class XAttentionConfig:
     threshold: tau, a float, a per-head (heads,) or per-(layer, head) (layers, heads) sequence (0.9).
     stride: antidiagonal stride S (8). block_size: block edge in tokens (128; the kernel takes 16..128).
     warmup_steps: first steps run dense (5 of 50). dense_layers: layers always dense (none).
-    keep_first_block: reproduce the block-0 quirk (True). implementation: "kernel" (Pallas), "reference"
-    (jnp masked attention, same result, dense cost) or "gather" (plain jnp over the selected blocks only,
-    same result, real savings under plain XLA). interpret: passed to the kernel (None = automatic).
+    keep_first_block: reproduce the block-0 quirk (True). backend: "kernel" (Pallas), "reference" (jnp
+    masked attention, same result, dense cost), "gather" (plain jnp over the selected blocks only, same
+    result, real savings under plain XLA) or "auto" (kernel on GPU/TPU, gather on CPU; resolved when the
+    policy is built). interpret: passed to the kernel (None = automatic).
     """
 
     threshold: float | tuple = 0.9
@@ -54,7 +64,7 @@ class XAttentionConfig:
     warmup_steps: int = 5
     dense_layers: tuple[int, ...] = ()
     keep_first_block: bool = True
-    implementation: str = "kernel"
+    backend: str = "auto"
     interpret: bool | None = None
 
     def __post_init__(self):
@@ -65,34 +75,20 @@ class XAttentionConfig:
         if t.ndim:
             object.__setattr__(self, "threshold", tuple(np.asarray(t).tolist()) if t.ndim == 1 else
                                tuple(tuple(r) for r in t.tolist()))
-        if self.block_size not in ALLOWED_BLOCKS:
-            raise ValueError(f"XAttentionConfig.block_size={self.block_size!r} is invalid; allowed: {ALLOWED_BLOCKS}")
-        if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1 \
-                or self.block_size % self.stride:
-            raise ValueError(f"XAttentionConfig.stride={self.stride!r} is invalid: a positive int dividing "
+        choice_arg("XAttentionConfig.block_size", self.block_size, ALLOWED_BLOCKS)
+        int_arg("XAttentionConfig.stride", self.stride, minimum=1)
+        if self.block_size % self.stride:
+            raise ValueError(f"XAttentionConfig.stride={self.stride!r} is invalid: it must divide "
                              f"block_size={self.block_size}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"XAttentionConfig.warmup_steps={self.warmup_steps!r} is invalid: an int >= 0")
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.dense_layers):
-            raise ValueError(f"XAttentionConfig.dense_layers={self.dense_layers!r} is invalid: a tuple of layer "
-                             "indices >= 0")
-        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
-        if self.implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"XAttentionConfig.implementation={self.implementation!r} is invalid; allowed: "
-                             f"{IMPLEMENTATIONS}")
-        if self.interpret not in (None, True, False):
-            raise ValueError(f"XAttentionConfig.interpret={self.interpret!r} is invalid; allowed: None, True, False")
-
-
-def xattention_shapes(**overrides) -> XAttentionConfig:
-    """The setting used on the embedded shapes model (512 tokens = 8 frames x 64): block 16, stride 4.
-
-    Block 16 gives 32 blocks per row (4 per latent frame) so top-tau selection has room to act on a short
-    sequence; stride 4 keeps 4 antidiagonal groups per block edge (the paper has 16 at 128 / 8).
-    """
-    kw = dict(block_size=16, stride=4)
-    kw.update(overrides)
-    return XAttentionConfig(**kw)
+        int_arg("XAttentionConfig.warmup_steps", self.warmup_steps, minimum=0)
+        layers = tuple(self.dense_layers)
+        for i, layer in enumerate(layers):
+            int_arg(f"XAttentionConfig.dense_layers[{i}]", layer, minimum=0)
+        object.__setattr__(self, "dense_layers", layers)
+        bool_arg("XAttentionConfig.keep_first_block", self.keep_first_block)
+        choice_arg("XAttentionConfig.backend", self.backend, BACKENDS)
+        if self.interpret is not None:
+            bool_arg("XAttentionConfig.interpret", self.interpret)
 
 
 @struct.dataclass
@@ -160,6 +156,7 @@ def xattention(cfg: XAttentionConfig = XAttentionConfig()) -> Policy:
     if not isinstance(cfg, XAttentionConfig):
         raise TypeError(f"xattention needs an XAttentionConfig, got {type(cfg).__name__}")
     bs = cfg.block_size
+    backend = resolve_backend(cfg.backend, name="XAttentionConfig.backend")
 
     def init(spec: AttnSpec):
         return ()
@@ -176,9 +173,9 @@ def xattention(cfg: XAttentionConfig = XAttentionConfig()) -> Policy:
 
     def attend(q, k, v, plan: XPlan, ctx: AttnContext):
         bi = BlockIndices(plan.indices, plan.counts)
-        if cfg.implementation == "kernel":
+        if backend == "kernel":
             return block_sparse_attention(q, k, v, bi, block_q=bs, block_k=bs, interpret=cfg.interpret)
-        if cfg.implementation == "gather":
+        if backend == "gather":
             return block_sparse_attention_gather(q, k, v, bi, block_q=bs, block_k=bs)
         return block_sparse_attention_reference(q, k, v, bi, block_q=bs, block_k=bs)
 
@@ -191,5 +188,4 @@ def xattention(cfg: XAttentionConfig = XAttentionConfig()) -> Policy:
                   tiles_dense=tiles_dense)
 
 
-__all__ = ["XAttentionConfig", "xattention_shapes", "XPlan", "antidiagonal_scores", "select_blocks", "block_work",
-           "xattention"]
+__all__ = ["XAttentionConfig", "XPlan", "antidiagonal_scores", "select_blocks", "block_work", "xattention"]

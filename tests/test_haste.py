@@ -1,5 +1,6 @@
 """HASTE: Temporal Mask Reuse decisions on constant vs drifting inputs (and that a reuse skips the prediction),
-the EBC solvers against brute force, the calibration measurements, table files, and errors."""
+the EBC solvers against brute force, the calibration measurements, table files, the dense trajectory, and
+errors."""
 
 import itertools
 import json
@@ -8,14 +9,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_sparse_attention import _counting, _inputs, _loop, _model, _rel, _spec
 
-from experiments.haste import (EBCConfig, EBCTable, HasteConfig, TMRConfig, calibrate, drift, haste,
-                               load_ebc_table, measure, pool_blocks, solve_dp, solve_lagrangian, temporal_mask_reuse)
+from experiments.haste import (
+    EBCConfig,
+    EBCTable,
+    HasteConfig,
+    TMRConfig,
+    calibrate_ebc,
+    dense_trajectory,
+    drift,
+    haste,
+    load_ebc_table,
+    measure_ebc,
+    pool_blocks,
+    solve_budget,
+    solve_dp,
+    solve_lagrangian,
+    temporal_mask_reuse,
+)
 from experiments.svg2 import SVG2Config, svg2
 from experiments.xattention import XAttentionConfig, xattention
-from test_sparse_attention import _counting, _loop, _model, _rel, _spec
-from vidaccel.sparse_attention import AttnContext, AttnSpec, sparse_attention, sparse_summary
 from models.wan.denoiser import wan_denoiser
+from vidaccel.sampling import sample
+from vidaccel.solvers import euler, unipc
+from vidaccel.sparse_attention import AttnContext, AttnSpec, sparse_attention, sparse_summary
 
 SPEC = AttnSpec(batch=1, tokens=64, heads=2, head_dim=16, layers=1, steps=10)
 
@@ -45,7 +63,7 @@ def test_tmr_constant_vs_drifting_inputs():
     by 1.3x a step (pooled logits drift 0.3 after one step, 0.69 after two), head 0 stays: with trigger "max"
     and epsilon 0.2 every step predicts; with "mean" (0.15, then 0.345) every other step is reused."""
     q, k = _qk()
-    base = xattention(XAttentionConfig(block_size=16, stride=4, implementation="reference"))
+    base = xattention(XAttentionConfig(block_size=16, stride=4, backend="reference"))
     calls = []
     tmr = temporal_mask_reuse(_counting(base, calls), TMRConfig(epsilon=0.2, max_interval=3, pool_block=16))
     seq, plans = _decisions(tmr, lambda s: (q, k))
@@ -62,7 +80,7 @@ def test_tmr_constant_vs_drifting_inputs():
 
 def test_tmr_reuses_svg2_labels_and_permutations():
     q, k = _qk(1)
-    base = svg2(SVG2Config(num_q_clusters=4, num_k_clusters=8, block_q=16, block_k=16, implementation="reference"))
+    base = svg2(SVG2Config(num_q_clusters=4, num_k_clusters=8, block_q=16, block_k=16, backend="reference"))
     seq, plans = _decisions(temporal_mask_reuse(base, TMRConfig(epsilon=0.05, max_interval=2, pool_block=16)),
                             lambda s: (q * (1 + 1e-4 * s), k), steps=3)
     assert seq == "PRP"
@@ -84,7 +102,7 @@ def test_haste_keep_all_equals_dense_over_a_run():
     """TMR + a (layers, heads) table of ones over a 5-step CFG run equals dense (<= 1e-5), with masks reused."""
     model = _model()
     ref, _ = _loop(wan_denoiser(model))
-    pol = haste(xattention(XAttentionConfig(block_size=16, stride=4, warmup_steps=1, implementation="reference")),
+    pol = haste(xattention(XAttentionConfig(block_size=16, stride=4, warmup_steps=1, backend="reference")),
                 HasteConfig(tmr=TMRConfig(epsilon=1e9, max_interval=3, pool_block=16), thresholds=np.ones((2, 2))))
     x, states = _loop(sparse_attention(wan_denoiser(model), pol))
     assert _rel(x, ref) <= 1e-5
@@ -106,7 +124,7 @@ def test_ebc_solvers_against_brute_force():
     """5 heads x 4 candidates, random densities and errors: DP equals brute force; the Lagrangian is feasible and
     never better than the optimum, and equals it on a convex instance."""
     rng = np.random.default_rng(0)
-    for trial in range(6):
+    for _ in range(6):
         dens = np.sort(rng.random((5, 4)), axis=1)
         err = np.sort(rng.random((5, 4)), axis=1)[:, ::-1].copy()
         budget = float(rng.uniform(dens.min(1).mean(), dens.max(1).mean()))
@@ -128,6 +146,32 @@ def test_ebc_solvers_against_brute_force():
         solve_dp(err, dens, 0.1)
     with pytest.raises(ValueError, match="matching"):
         solve_lagrangian(err, dens[:, :2], 0.5)
+    np.testing.assert_array_equal(solve_budget(err, dens, 0.5, "lagrangian"), arg)
+    with pytest.raises(ValueError, match="solver='greedy'"):
+        solve_budget(err, dens, 0.5, "greedy")
+
+
+def test_dense_trajectory_is_the_guided_sampler_path():
+    """EBC's inputs are the latents before every step of the dense guided run: the noise first, then each one
+    solver step of the guided velocity at the previous one (a Python loop over one model call), and one more
+    step from the last gives sample()'s output."""
+    model = _model()
+    noise, ctx = _inputs()
+    neg = jnp.zeros_like(ctx)
+    solver, g = euler(4), 3.0
+    xs = dense_trajectory(model, noise, ctx, neg, solver, g)
+    assert xs.shape == (4,) + noise.shape
+    den = wan_denoiser(model)
+    apply = jax.jit(lambda x, t, c: den.apply(den.params, den.init(_spec(4)), x, t, c)[0])
+    x, ss = noise, solver.init(noise)
+    for i in range(4):
+        assert _rel(xs[i], x) <= 1e-5
+        t = jnp.full((1,), solver.timesteps[i], jnp.float32)
+        vc, vu = apply(x, t, ctx), apply(x, t, neg)
+        x, ss = solver.step(ss, i, x, vu + g * (vc - vu))
+    assert _rel(xs[3], xs[2]) > 1e-3
+    out = sample(den, None, noise, ctx, solver=solver, guidance=g, negative_context=neg)
+    assert _rel(out.latents, x) <= 1e-5
 
 
 @pytest.mark.slow
@@ -135,17 +179,17 @@ def test_calibration_measures_per_head_error_and_density(tmp_path):
     """On the tiny model: p = 1 costs no error at density 1; p = 0.3 costs error at lower density, for every head;
     the budget defaults to the shared reference threshold's density; the table round-trips through JSON and
     drives HASTE."""
-    from vidaccel.solvers import unipc
     model = _model()
-    pol = xattention(XAttentionConfig(block_size=16, stride=4, warmup_steps=1, implementation="reference"))
+    pol = xattention(XAttentionConfig(block_size=16, stride=4, warmup_steps=1, backend="reference"))
     k = jax.random.split(jax.random.key(3), 2)
     noise, ctx = jax.random.normal(k[0], (1, 4, 8, 8, 4)), jax.random.normal(k[1], (1, 3, 16))
     cfg = EBCConfig(candidates=(0.3, 1.0), reference_threshold=0.3, positions=(0.5,))
-    err, dens, meta = measure(model, pol, noise, ctx, jnp.zeros_like(ctx), cfg, solver=unipc(4), log=lambda *_: None)
+    err, dens, meta = measure_ebc(model, pol, noise, ctx, jnp.zeros_like(ctx), cfg, solver=unipc(4),
+                                  log=lambda *_: None)
     assert err.shape == dens.shape == (2, 2, 2) and meta["steps"] == [2]
     assert np.all(err[..., 1] < 1e-10) and np.all(dens[..., 1] == 1.0)
     assert np.all(err[..., 0] > 1e-8) and np.all(dens[..., 0] < 1.0)
-    table = calibrate(model, pol, ctx, jnp.zeros_like(ctx), cfg, noise=noise, solver=unipc(4), log=lambda *_: None)
+    table = calibrate_ebc(model, pol, noise, ctx, jnp.zeros_like(ctx), cfg, solver=unipc(4), log=lambda *_: None)
     assert table.budget == pytest.approx(dens[..., 0].mean())
     np.testing.assert_allclose(table.thresholds, 0.3)          # the only table meeting that budget
     table = table.resolve(float(dens[..., 0].mean() + 0.5 * (1 - dens[..., 0]).min()))
@@ -171,12 +215,14 @@ def test_table_files_and_errors(tmp_path):
     pol = haste(xattention(XAttentionConfig(block_size=16, stride=4)), HasteConfig(thresholds=tmp_path / "t.json"))
     with pytest.raises(ValueError, match=r"thresholds has shape \(1, 2\)"):
         sparse_attention(wan_denoiser(_model()), pol)                    # the model has 2 layers
-    for kw, msg in [({"epsilon": -1}, "epsilon=-1"), ({"max_interval": 0}, "max_interval=0"),
+    for kw, msg in [({"epsilon": -1}, "TMRConfig.epsilon must be >= 0, got -1"),
+                    ({"max_interval": 0}, "TMRConfig.max_interval must be >= 1, got 0"),
                     ({"drift": "l2"}, "drift='l2'"), ({"trigger": "any"}, "trigger='any'"),
-                    ({"pool_block": 0}, "pool_block=0")]:
+                    ({"pool_block": 0}, "TMRConfig.pool_block must be >= 1, got 0")]:
         with pytest.raises(ValueError, match=msg):
             TMRConfig(**kw)
-    for kw, msg in [({"candidates": (0.5, 1.5)}, "candidates"), ({"budget": 0.0}, "budget=0.0"),
+    for kw, msg in [({"candidates": (0.5, 1.5)}, "candidates"),
+                    ({"budget": 0.0}, "EBCConfig.budget must be > 0, got 0.0"),
                     ({"reference_threshold": 0.33}, "reference_threshold=0.33"),
                     ({"solver": "greedy"}, "solver='greedy'"),
                     ({"positions": (1.0,)}, "positions")]:

@@ -10,15 +10,24 @@ import pytest
 from experiments.teacache import teacache, teacache_config
 from experiments.xattention import XAttentionConfig, xattention
 from models.wan import init_transformer, wan_tiny
+from models.wan.denoiser import wan_denoiser
 from vidaccel.sampling import sample
 from vidaccel.solvers import euler, unipc
-from vidaccel.sparse_attention import (AttnSpec, Policy, SparseCounters, SparseState, find_sparse_state,
-                                       sparse_attention, sparse_summary, threshold_table, with_thresholds)
+from vidaccel.sparse_attention import (
+    AttnSpec,
+    Policy,
+    SparseCounters,
+    SparseState,
+    find_sparse_state,
+    sparse_attention,
+    sparse_summary,
+    threshold_table,
+    with_thresholds,
+)
 from vidaccel.transforms import CFGBranches, DenoiseSpec, total_work
-from models.wan.denoiser import wan_denoiser
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(num_frame_per_block: int = 1):
     """The tiny Wan (2 layers, 2 heads x 16) with a non-zero output head; cached (tests only read it)."""
     m = init_transformer(wan_tiny(num_layers=2, num_frame_per_block=num_frame_per_block), seed=1)
@@ -88,7 +97,7 @@ def test_warmup_and_dense_layers_skip_the_policy_and_are_counted():
     branch (checked by a host callback inside the compiled scan), and the counters say the same."""
     calls = []
     pol = _counting(xattention(XAttentionConfig(block_size=16, stride=4, warmup_steps=2, dense_layers=(1,),
-                                                threshold=0.5, implementation="reference")), calls)
+                                                threshold=0.5, backend="reference")), calls)
     _, states = _loop(sparse_attention(wan_denoiser(_model()), pol), steps=5)
     jax.effects_barrier()
     assert sorted(calls) == sorted([(s, 0) for s in (2, 3, 4)] * 2)
@@ -125,7 +134,7 @@ def test_summary_by_hand():
 def test_thresholds_are_state_and_compose_with_teacache():
     model = _model()
     den = sparse_attention(wan_denoiser(model), xattention(XAttentionConfig(block_size=16, stride=4, warmup_steps=1,
-                                                                            implementation="reference")))
+                                                                            backend="reference")))
     st = den.init(_spec(5))
     np.testing.assert_array_equal(st.thresholds, np.full((2, 2), 0.9, np.float32))
     st2 = with_thresholds(st, [[0.5, 0.6], [0.7, 1.0]])

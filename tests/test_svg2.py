@@ -4,11 +4,11 @@ path on the model, equality with dense when every cluster is kept, per-layer / p
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from experiments.svg2 import (SVG2Config, kmeans, label_token_mask, select_clusters, svg2, svg2_shapes)
 from test_sparse_attention import _forward, _loop, _model, _rel
-from vidaccel.sparse_attention import sparse_attention, sparse_summary
+
+from experiments.svg2 import SVG2Config, kmeans, label_token_mask, select_clusters, svg2
 from models.wan.denoiser import wan_denoiser
+from vidaccel.sparse_attention import sparse_attention, sparse_summary
 
 T, F = True, False
 
@@ -77,7 +77,7 @@ def test_keep_all_equals_dense_and_kernel_equals_jnp_path():
     label-mask path agree, with identical counters."""
     model = _model()
     dense, _ = _forward(wan_denoiser(model), 0)
-    den = lambda impl: sparse_attention(wan_denoiser(model), svg2(SVG2Config(implementation=impl, **SMALL)))  # noqa
+    den = lambda impl: sparse_attention(wan_denoiser(model), svg2(SVG2Config(backend=impl, **SMALL)))  # noqa
     ref = den("reference")
     v_all, _ = _forward(ref, 3, 1.0)
     assert _rel(v_all, dense) <= 1e-5
@@ -93,7 +93,7 @@ def test_keep_all_equals_dense_and_kernel_equals_jnp_path():
 def test_state_per_layer_and_branch():
     """With CFG each branch keeps its own centroids (they differ); every layer is initialised; the first sparse
     call runs the init iterations, later ones the warm-started few (estimate FLOPs say exactly how many)."""
-    cfg = SVG2Config(top_p=0.7, implementation="reference", kmeans_tol=0.0, **SMALL)
+    cfg = SVG2Config(top_p=0.7, backend="reference", kmeans_tol=0.0, **SMALL)
     _, states = _loop(sparse_attention(wan_denoiser(_model()), svg2(cfg)), steps=5)   # 1 dense + 4 sparse steps
     pc, pu = states.cond.policy, states.uncond.policy
     assert bool(jnp.all(pc.initialized)) and bool(jnp.all(pu.initialized))
@@ -108,16 +108,24 @@ def test_state_per_layer_and_branch():
 def test_config_defaults_and_errors():
     c = SVG2Config()
     assert (c.num_q_clusters, c.num_k_clusters, c.top_p, c.min_kc_ratio, c.kmeans_iter_init, c.kmeans_iter_step,
-            c.dense_step_fraction, c.dense_layer_fraction) == (300, 1000, 0.9, 0.10, 50, 2, 0.2, 0.03)
+            c.dense_step_fraction, c.dense_layer_fraction, c.backend) == \
+        (300, 1000, 0.9, 0.10, 50, 2, 0.2, 0.03, "auto")
     pol = svg2(c)
     assert pol.dense_steps(50) == 10 and pol.dense_layers(30) == () and pol.dense_layers(40) == (0,)
-    assert svg2_shapes().num_k_clusters == 32
-    for kw, msg in [({"num_q_clusters": 0}, "num_q_clusters=0"), ({"top_p": -0.1}, "top_p=-0.1"),
-                    ({"min_kc_ratio": 2}, "min_kc_ratio=2"), ({"kmeans_iter_step": 0}, "kmeans_iter_step=0"),
-                    ({"kmeans_tol": -1}, "kmeans_tol=-1"), ({"block_k": 8}, "block_k=8"),
-                    ({"implementation": "flashinfer"}, "implementation='flashinfer'"),
-                    ({"dense_step_fraction": 1.5}, "dense_step_fraction=1.5")]:
+    for kw, msg in [({"num_q_clusters": 0}, "SVG2Config.num_q_clusters must be >= 1, got 0"),
+                    ({"top_p": -0.1}, "top_p=-0.1"),
+                    ({"min_kc_ratio": 2}, "SVG2Config.min_kc_ratio must be <= 1, got 2"),
+                    ({"kmeans_iter_step": 0}, "SVG2Config.kmeans_iter_step must be >= 1, got 0"),
+                    ({"kmeans_tol": -1}, "SVG2Config.kmeans_tol must be >= 0, got -1"),
+                    ({"seed": -1}, "SVG2Config.seed must be >= 0, got -1"), ({"block_k": 8}, "block_k=8"),
+                    ({"backend": "flashinfer"}, "SVG2Config.backend='flashinfer'"),
+                    ({"dense_step_fraction": 1.5}, "SVG2Config.dense_step_fraction must be <= 1, got 1.5")]:
         with pytest.raises(ValueError, match=msg):
+            SVG2Config(**kw)
+    for kw, msg in [({"num_k_clusters": True}, "SVG2Config.num_k_clusters must be an int, got True"),
+                    ({"min_kc_ratio": "0.1"}, "SVG2Config.min_kc_ratio must be a real number"),
+                    ({"interpret": 1}, "SVG2Config.interpret must be True or False, got 1")]:
+        with pytest.raises(TypeError, match=msg):
             SVG2Config(**kw)
     with pytest.raises(ValueError, match="num_k_clusters=100 exceeds the 64 tokens"):
         _forward(sparse_attention(wan_denoiser(_model()), svg2(SVG2Config(num_q_clusters=4, num_k_clusters=100))), 3)

@@ -6,12 +6,11 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from experiments.xattention import (XAttentionConfig, antidiagonal_scores, block_work, select_blocks, xattention,
-                                    xattention_shapes)
 from test_sparse_attention import _forward, _model, _rel
-from vidaccel.sparse_attention import sparse_attention, sparse_summary
+
+from experiments.xattention import XAttentionConfig, antidiagonal_scores, block_work, select_blocks, xattention
 from models.wan.denoiser import wan_denoiser
+from vidaccel.sparse_attention import sparse_attention, sparse_summary
 
 
 def test_antidiagonal_scores_match_a_loop():
@@ -74,7 +73,7 @@ def test_keep_all_equals_dense_and_kernel_equals_jnp_path():
     model = _model()
     dense, _ = _forward(wan_denoiser(model), 0)
     den = lambda impl: sparse_attention(wan_denoiser(model), xattention(  # noqa: E731
-        XAttentionConfig(block_size=16, stride=4, warmup_steps=1, implementation=impl)))
+        XAttentionConfig(block_size=16, stride=4, warmup_steps=1, backend=impl)))
     ref = den("reference")
     v_all, s_all = _forward(ref, 3, 1.0)
     assert _rel(v_all, dense) <= 1e-5 and sparse_summary(s_all)["density_sparse"] == 1.0
@@ -91,15 +90,21 @@ def test_keep_all_equals_dense_and_kernel_equals_jnp_path():
 
 def test_config_defaults_and_errors():
     c = XAttentionConfig()
-    assert (c.threshold, c.stride, c.block_size, c.warmup_steps, c.dense_layers, c.keep_first_block) == \
-        (0.9, 8, 128, 5, (), True)
-    assert xattention_shapes().block_size == 16 and xattention_shapes().stride == 4
+    assert (c.threshold, c.stride, c.block_size, c.warmup_steps, c.dense_layers, c.keep_first_block, c.backend) == \
+        (0.9, 8, 128, 5, (), True, "auto")
     assert XAttentionConfig(threshold=[0.5, 0.9]).threshold == (0.5, 0.9)
     for kw, msg in [({"threshold": 1.2}, "threshold=1.2"), ({"block_size": 48}, "block_size=48"),
-                    ({"stride": 3}, "stride=3"), ({"stride": 0}, "stride=0"), ({"warmup_steps": -1}, "warmup_steps=-1"),
-                    ({"dense_layers": (-1,)}, "dense_layers"), ({"implementation": "cuda"}, "implementation='cuda'"),
-                    ({"interpret": "yes"}, "interpret='yes'")]:
+                    ({"stride": 3}, "stride=3 is invalid: it must divide block_size=128"),
+                    ({"stride": 0}, "XAttentionConfig.stride must be >= 1, got 0"),
+                    ({"warmup_steps": -1}, "XAttentionConfig.warmup_steps must be >= 0, got -1"),
+                    ({"dense_layers": (-1,)}, r"XAttentionConfig.dense_layers\[0\] must be >= 0"),
+                    ({"backend": "cuda"}, "XAttentionConfig.backend='cuda'")]:
         with pytest.raises(ValueError, match=msg):
+            XAttentionConfig(**kw)
+    for kw, msg in [({"interpret": "yes"}, "XAttentionConfig.interpret must be True or False, got 'yes'"),
+                    ({"stride": 2.0}, "XAttentionConfig.stride must be an int, got 2.0"),
+                    ({"keep_first_block": 1}, "XAttentionConfig.keep_first_block must be True or False")]:
+        with pytest.raises(TypeError, match=msg):
             XAttentionConfig(**kw)
     with pytest.raises(TypeError, match="XAttentionConfig"):
         xattention({"threshold": 0.9})
