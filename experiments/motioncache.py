@@ -47,7 +47,8 @@ from flax import struct
 
 from experiments.teacache import WAN21_COEFFICIENTS
 from models.ar.kv_cache import scatter_tokens
-from vidaccel.residual_cache import INDICATORS, relative_l1, rescale
+from vidaccel.checks import choice_arg, float_arg, floats_arg, int_arg
+from vidaccel.residual_cache import INDICATORS, check_change_rule, relative_change, rescale
 from vidaccel.transforms import Denoiser, DenoiseSpec, abstract_embedding, wrap_denoiser
 
 MOTIONS = ("hidden", "latent")
@@ -58,9 +59,10 @@ DEFAULT_BUCKETS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 class MotionCacheConfig:
     """MotionCache's rule; defaults are the SkyReels-V2 code as `run_vbench.sh` runs it (see module docstring).
 
+    thresh, coefficients, indicator, warmup (>= 1: a chunk's first call is a full forward) and max_change
+    mean what they mean in `ResidualCacheConfig` and are checked by the same `check_change_rule`.
     buckets: static partial-forward sizes as fractions of the chunk's tokens (rounded up, deduplicated; the
-    last must be 1.0); a partial forward runs the smallest bucket holding the selected tokens. max_change:
-    as `ResidualCacheConfig.max_change` (a change above the calibrated range counts as +inf).
+    last must be 1.0); a partial forward runs the smallest bucket holding the selected tokens.
     """
 
     thresh: float = 0.1
@@ -76,36 +78,18 @@ class MotionCacheConfig:
     max_change: float | None = None
 
     def __post_init__(self):
-        def bad(field, allowed):
-            raise ValueError(f"MotionCacheConfig.{field}={getattr(self, field)!r} is invalid: {allowed}")
-
-        if not isinstance(self.thresh, (int, float)) or not np.isfinite(self.thresh) or self.thresh < 0:
-            bad("thresh", "a finite number >= 0")
-        if self.coefficients is not None:
-            object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
-            if not self.coefficients or not all(np.isfinite(self.coefficients)):
-                bad("coefficients", "None or a non-empty sequence of finite numbers (highest degree first)")
-        if self.indicator not in INDICATORS:
-            bad("indicator", f"one of {list(INDICATORS)}")
-        if self.max_change is not None and not (isinstance(self.max_change, (int, float)) and self.max_change > 0):
-            bad("max_change", "None or a number > 0 (changes above it force a computation)")
-        for field, lo in (("warmup", 1), ("phase1_updates", 0)):
-            v = getattr(self, field)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                bad(field, f"an int >= {lo}" + (" (the first call of a chunk must be a full forward)" if lo else ""))
-        if not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
-            bad("alpha", "a number in [0, 1]")
-        if self.motion not in MOTIONS:
-            bad("motion", f"one of {MOTIONS}")
-        if self.temporal_vote is not None and not (isinstance(self.temporal_vote, (int, float))
-                                                   and 0.0 <= self.temporal_vote < 1.0):
-            bad("temporal_vote", "None or a number in [0, 1)")
-        if not isinstance(self.min_update_ratio, (int, float)) or not 0.0 <= self.min_update_ratio <= 1.0:
-            bad("min_update_ratio", "a number in [0, 1]")
-        b = tuple(float(x) for x in self.buckets)
+        check_change_rule(self, min_warmup=1)
+        int_arg("MotionCacheConfig.phase1_updates", self.phase1_updates, 0)
+        choice_arg("MotionCacheConfig.motion", self.motion, MOTIONS)
+        fraction = lambda field, **bounds: float_arg(f"MotionCacheConfig.{field}", getattr(self, field), **bounds)
+        object.__setattr__(self, "alpha", fraction("alpha", low=0.0, high=1.0))
+        object.__setattr__(self, "min_update_ratio", fraction("min_update_ratio", low=0.0, high=1.0))
+        if self.temporal_vote is not None:
+            object.__setattr__(self, "temporal_vote", fraction("temporal_vote", low=0.0, high=1.0, high_open=True))
+        b = floats_arg("MotionCacheConfig.buckets", self.buckets, low=0.0, high=1.0, low_open=True)
+        if list(b) != sorted(set(b)) or b[-1] != 1.0:
+            raise ValueError(f"MotionCacheConfig.buckets={b} must be increasing fractions in (0, 1] ending with 1.0")
         object.__setattr__(self, "buckets", b)
-        if not b or any(not 0 < x <= 1 for x in b) or list(b) != sorted(set(b)) or b[-1] != 1.0:
-            bad("buckets", "increasing fractions in (0, 1] ending with 1.0")
 
     def bucket_sizes(self, n: int) -> tuple[int, ...]:
         """The static token counts of partial forwards for a chunk of `n` tokens."""
@@ -207,7 +191,7 @@ def motioncache(den: Denoiser, cfg: MotionCacheConfig) -> Denoiser:
         emb, inner = st.embed(params, state.inner, x, t, context)
         b, n, _ = emb.tokens.shape
         ind = indicator(emb)
-        delta = rescale(cfg.coefficients, relative_l1(ind, state.prev), cfg.max_change)
+        delta = rescale(cfg.coefficients, relative_change(ind, state.prev), cfg.max_change)
         upd, acc, phase1 = decide_tokens(cfg, state.acc, state.weights, delta, state.count, state.phase1,
                                          emb.grid[0])
         n_sel = upd.sum(axis=1).astype(jnp.int32)

@@ -13,13 +13,18 @@ See docs/kernels.md.
 """
 
 from pallas_kernels._common import ALLOWED_BLOCKS
-from pallas_kernels._indices import (BlockIndices, block_mask_to_indices, index_list_to_indices,
-                                     indices_to_block_mask, shrink_indices, token_mask_to_block_mask)
+from pallas_kernels._indices import (
+    BlockIndices,
+    block_mask_to_indices,
+    index_list_to_indices,
+    indices_to_block_mask,
+    shrink_indices,
+    token_mask_to_block_mask,
+)
 from pallas_kernels._ranges import clusters_to_ranges, fixed_q_ranges
 from pallas_kernels.block_sparse import block_sparse_attention, cluster_sparse_attention
 from pallas_kernels.gather_jnp import block_sparse_attention_gather, cluster_sparse_attention_gather
-from pallas_kernels.kv_quantization import (KVQuantConfig, QuantizedKV, dequantize_kv, init_quantized_kv,
-                                             quantize_kv)
+from pallas_kernels.kv_quantization import KVQuantConfig, QuantizedKV, dequantize_kv, init_quantized_kv, quantize_kv
 from pallas_kernels.quantized_kv import quantized_kv_attention
 
 __all__ = ["ALLOWED_BLOCKS", "KVQuantConfig", "QuantizedKV", "dequantize_kv", "init_quantized_kv", "quantize_kv",

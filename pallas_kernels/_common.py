@@ -1,5 +1,8 @@
 """Shared pieces of the attention kernels: argument checks, backend selection, the online-softmax step.
 
+The checks mirror `vidaccel.checks` (which this lower layer cannot import): a wrong type is a TypeError, a
+bad value a ValueError, and the message names the argument, the value and what is allowed.
+
 Every kernel here is a FlashAttention-2 style forward: one program per (query tile, batch, head), an fp32
 running max `m`, running denominator `l` and accumulator `acc`, and a loop over the kv tiles that the
 program actually needs. Only `pl.pallas_call`, `pl.BlockSpec`, a grid and ref slicing are used, so the
@@ -16,11 +19,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental.pallas import triton as pl_triton
 
 # Block sizes the kernels accept: powers of two (the Triton lowering needs power-of-two tiles, and tl.dot
 # needs at least 16 rows), 16 to 128.
 ALLOWED_BLOCKS = (16, 32, 64, 128)
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def check_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """`value` as an int >= `minimum` (bools and non-integers are a TypeError)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """`value` if it is a bool (numbers and strings are a TypeError)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -43,8 +63,7 @@ def compiler_params(interpret: bool, head_dim: int) -> Any:
 
 
 def triton_params(head_dim: int) -> Any:
-    from jax.experimental.pallas import triton as pl_triton  # imported lazily: GPU only
-
+    """Triton compiler parameters for a head_dim."""
     return pl_triton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
@@ -58,11 +77,11 @@ def is_concrete(*xs: Any) -> bool:
 
 
 def check_block(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if int(value) not in ALLOWED_BLOCKS:
+    """A tile size: an int in ALLOWED_BLOCKS."""
+    value = check_int(name, value)
+    if value not in ALLOWED_BLOCKS:
         raise ValueError(f"{name}={value} is not supported; allowed block sizes are {ALLOWED_BLOCKS}")
-    return int(value)
+    return value
 
 
 def check_scale(scale: Any, head_dim: int) -> float:
@@ -99,6 +118,13 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, 
     if min(b, tq, h, d, k.shape[1]) < 1:
         raise ValueError(f"empty attention input: q {q.shape}, k {k.shape}")
     return b, tq, k.shape[1], h, d
+
+
+def check_sparse_args(q, k, v, block_q: Any, block_k: Any, scale: Any) -> tuple:
+    """The checks every block-sparse attention (kernel, gather path, reference) starts with: q, k, v, the
+    two tile sizes and the scale. Returns (B, Tq, Tk, heads, head_dim, block_q, block_k, scale)."""
+    b, tq, tk, h, d = check_qkv(q, k, v)
+    return b, tq, tk, h, d, check_block("block_q", block_q), check_block("block_k", block_k), check_scale(scale, d)
 
 
 def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:

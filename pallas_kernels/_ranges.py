@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels._common import check_block, is_concrete
+from pallas_kernels._common import check_block, check_int, is_concrete
 
 
 def fixed_q_ranges(num_q: int, block_q: int) -> jax.Array:
@@ -129,8 +129,7 @@ def clusters_to_ranges(cluster_mask: jax.Array, q_sizes: jax.Array, k_sizes: jax
                          f"{cluster_mask.shape}")
     b, h, nqc, nkc = cluster_mask.shape
     block_q = check_block("block_q", block_q)
-    if isinstance(num_q_tokens, bool) or not isinstance(num_q_tokens, int) or num_q_tokens < 1:
-        raise ValueError(f"num_q_tokens={num_q_tokens!r} must be a positive int")
+    num_q_tokens = check_int("num_q_tokens", num_q_tokens, 1)
     for name, x, n in (("q_sizes", q_sizes, nqc), ("k_sizes", k_sizes, nkc)):
         if not jnp.issubdtype(x.dtype, jnp.integer):
             raise TypeError(f"{name} must be integer, got {x.dtype}")

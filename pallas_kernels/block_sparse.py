@@ -95,10 +95,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_mask,
     interpret: None = Pallas interpret mode everywhere except GPU.
     Rows whose query block selects nothing return zeros.
     """
-    b, tq, tk, h, d = C.check_qkv(q, k, v)
-    block_q = C.check_block("block_q", block_q)
-    block_k = C.check_block("block_k", block_k)
-    scale = C.check_scale(scale, d)
+    b, tq, tk, h, d, block_q, block_k, scale = C.check_sparse_args(q, k, v, block_q, block_k, scale)
     interpret = C.resolve_interpret(interpret)
     nq, nk = pl.cdiv(tq, block_q), pl.cdiv(tk, block_k)
     bi = as_block_indices(block_mask, b, h, nq, nk)
@@ -192,10 +189,7 @@ def cluster_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_ranges
     B and H of either array may be 1 (shared). Rows outside every tile, and tiles with no key, return zeros.
     See `pallas_kernels._ranges` for the contract and `clusters_to_ranges` to build the arrays.
     """
-    b, tq, tk, h, d = C.check_qkv(q, k, v)
-    block_q = C.check_block("block_q", block_q)
-    block_k = C.check_block("block_k", block_k)
-    scale = C.check_scale(scale, d)
+    b, tq, tk, h, d, block_q, block_k, scale = C.check_sparse_args(q, k, v, block_q, block_k, scale)
     interpret = C.resolve_interpret(interpret)
     if q_ranges is None:
         q_ranges = fixed_q_ranges(tq, block_q)

@@ -50,9 +50,7 @@ MAX_GROUP_LOGITS = 1 << 24   # one group's logits (rows x query tile x widest wi
 def width_buckets(n: int, steps: int = WIDTH_STEPS) -> tuple[int, ...]:
     """Static gather widths for up to `n` selected units: ceil(j * n / steps) for j = 1..steps, ascending,
     without repeats (so n < steps gives 1..n)."""
-    for name, x in (("n", n), ("steps", steps)):
-        if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-            raise ValueError(f"{name}={x!r} must be a positive int")
+    n, steps = C.check_int("n", n, 1), C.check_int("steps", steps, 1)
     return tuple(sorted({-(-j * n // steps) for j in range(1, steps + 1)}))
 
 
@@ -159,9 +157,7 @@ def block_sparse_attention_gather(q, k, v, block_mask, *, block_q: int, block_k:
     Same arguments, checks and result as the kernel; `interpret` is accepted and ignored. Rows whose query
     block selects nothing return zeros.
     """
-    b, tq, tk, h, d = C.check_qkv(q, k, v)
-    block_q, block_k = C.check_block("block_q", block_q), C.check_block("block_k", block_k)
-    scale = C.check_scale(scale, d)
+    b, tq, tk, h, d, block_q, block_k, scale = C.check_sparse_args(q, k, v, block_q, block_k, scale)
     nq, nk = -(-tq // block_q), -(-tk // block_k)
     bi = as_block_indices(block_mask, b, h, nq, nk)
     return _block_gather(q, k, v, bi.indices, bi.counts, block_q=block_q, block_k=block_k, scale=scale)
@@ -203,10 +199,7 @@ def cluster_sparse_attention_gather(q, k, v, kv_ranges, *, q_ranges=None, block_
     Same arguments, checks and result as the kernel; `interpret` is accepted and ignored. `block_k` is
     checked but unused: keys are gathered token by token, so no partly filled key chunk is computed.
     """
-    b, tq, tk, h, d = C.check_qkv(q, k, v)
-    block_q = C.check_block("block_q", block_q)
-    C.check_block("block_k", block_k)
-    scale = C.check_scale(scale, d)
+    b, tq, tk, h, d, block_q, _, scale = C.check_sparse_args(q, k, v, block_q, block_k, scale)
     if q_ranges is None:
         q_ranges = fixed_q_ranges(tq, block_q)
     check_ranges(q_ranges, kv_ranges, b, h, tq, tk, block_q)

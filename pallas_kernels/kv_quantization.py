@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from pallas_kernels._common import check_bool, check_int
+
 SCALE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -62,10 +64,8 @@ class KVQuantConfig:
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise ValueError(f"KVQuantConfig.bits={self.bits!r}; allowed: 4, 8")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"KVQuantConfig.group_size={self.group_size!r}; must be a positive int")
-        if not isinstance(self.symmetric, bool):
-            raise ValueError(f"KVQuantConfig.symmetric={self.symmetric!r}; must be a bool")
+        check_int("KVQuantConfig.group_size", self.group_size, 1)
+        check_bool("KVQuantConfig.symmetric", self.symmetric)
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"KVQuantConfig.scale_dtype={self.scale_dtype!r}; allowed: {SCALE_DTYPES}")
 
@@ -133,6 +133,11 @@ def unpack_int4(packed: jax.Array) -> jax.Array:
 
 # --------------------------------------------------------------------------- quantize / dequantize
 
+def _check_int4_head_dim(bits: int, head_dim: int) -> None:
+    if bits == 4 and head_dim % 2:
+        raise ValueError(f"int4 packing needs an even head_dim, got {head_dim}")
+
+
 def _check_float(name: str, x: jax.Array, ndim: int) -> None:
     if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must be a floating array, got {getattr(x, 'dtype', type(x).__name__)}")
@@ -177,8 +182,7 @@ def quantize_keys(k: jax.Array, config: KVQuantConfig, capacity: int | None = No
     _check_float("k", k, 4)
     b, t, h, d = k.shape
     g = config.group_size
-    if config.bits == 4 and d % 2:
-        raise ValueError(f"int4 packing needs an even head_dim, got {d}")
+    _check_int4_head_dim(config.bits, d)
     cap = _capacity(t, g, capacity)
     x = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, cap - t), (0, 0), (0, 0)))
     valid = (jnp.arange(cap) < t)[None, :, None, None]
@@ -201,8 +205,7 @@ def quantize_values(v: jax.Array, config: KVQuantConfig, capacity: int | None = 
     """
     _check_float("v", v, 4)
     b, t, h, d = v.shape
-    if config.bits == 4 and d % 2:
-        raise ValueError(f"int4 packing needs an even head_dim, got {d}")
+    _check_int4_head_dim(config.bits, d)
     cap = _capacity(t, config.group_size, capacity)
     x = jnp.pad(v.astype(jnp.float32), ((0, 0), (0, cap - t), (0, 0), (0, 0)))
     scale, offset = _scale_offset(jnp.min(x, -1), jnp.max(x, -1), config)
@@ -229,7 +232,7 @@ def _capacity(t: int, group_size: int, capacity: int | None) -> int:
     need = -(-t // group_size) * group_size
     if capacity is None:
         return max(need, group_size)
-    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < t or capacity % group_size:
+    if check_int("capacity", capacity) < t or capacity % group_size:
         raise ValueError(f"capacity={capacity!r} must be an int >= tokens ({t}) and a multiple of "
                          f"group_size ({group_size})")
     return capacity
@@ -270,11 +273,9 @@ def quantize_kv(k: jax.Array, v: jax.Array, config: KVQuantConfig, *, capacity: 
 def init_quantized_kv(batch: int, capacity: int, heads: int, head_dim: int, *, window: int,
                       config: KVQuantConfig, dtype=jnp.bfloat16) -> QuantizedKV:
     """An empty cache (lengths 0) of the given capacity and window, for a runtime to fill."""
-    if config.bits == 4 and head_dim % 2:
-        raise ValueError(f"int4 packing needs an even head_dim, got {head_dim}")
+    _check_int4_head_dim(config.bits, head_dim)
     cap = _capacity(0, config.group_size, capacity)
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window={window!r} must be a positive int")
+    check_int("window", window, 1)
     dc = head_dim // 2 if config.bits == 4 else head_dim
     sd = jnp.dtype(config.scale_dtype)
     zeros = jnp.zeros

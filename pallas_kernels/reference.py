@@ -14,8 +14,8 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _common as C
 from pallas_kernels._indices import as_block_indices, indices_to_block_mask
 from pallas_kernels._ranges import check_ranges, fixed_q_ranges
-from pallas_kernels.quantized_kv import check_cache
 from pallas_kernels.kv_quantization import QuantizedKV, dequantize_kv
+from pallas_kernels.quantized_kv import check_cache
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.Array, scale: float) -> jax.Array:
@@ -34,9 +34,7 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.A
 def block_sparse_attention_reference(q, k, v, block_mask, *, block_q: int, block_k: int,
                                      scale: float | None = None, interpret: bool | None = None) -> jax.Array:
     """Reference of `block_sparse_attention` (`interpret` is accepted and ignored)."""
-    b, tq, tk, h, d = C.check_qkv(q, k, v)
-    block_q, block_k = C.check_block("block_q", block_q), C.check_block("block_k", block_k)
-    scale = C.check_scale(scale, d)
+    b, tq, tk, h, d, block_q, block_k, scale = C.check_sparse_args(q, k, v, block_q, block_k, scale)
     nq, nk = pl.cdiv(tq, block_q), pl.cdiv(tk, block_k)
     blocks = indices_to_block_mask(as_block_indices(block_mask, b, h, nq, nk), nk)
     token = jnp.repeat(jnp.repeat(blocks, block_q, axis=2), block_k, axis=3)[:, :, :tq, :tk]
@@ -66,9 +64,7 @@ def cluster_token_mask(q_ranges: jax.Array, kv_ranges: jax.Array, tq: int, tk: i
 def cluster_sparse_attention_reference(q, k, v, kv_ranges, *, q_ranges=None, block_q: int, block_k: int,
                                        scale: float | None = None, interpret: bool | None = None) -> jax.Array:
     """Reference of `cluster_sparse_attention` (`interpret` is accepted and ignored)."""
-    b, tq, tk, h, d = C.check_qkv(q, k, v)
-    block_q, block_k = C.check_block("block_q", block_q), C.check_block("block_k", block_k)
-    scale = C.check_scale(scale, d)
+    b, tq, tk, h, d, block_q, block_k, scale = C.check_sparse_args(q, k, v, block_q, block_k, scale)
     if q_ranges is None:
         q_ranges = fixed_q_ranges(tq, block_q)
     check_ranges(q_ranges, kv_ranges, b, h, tq, tk, block_q)

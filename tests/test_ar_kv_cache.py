@@ -68,6 +68,6 @@ def test_cache_errors():
     kv = jnp.zeros((1, 1, 8, 2, 4))
     with pytest.raises(ValueError, match="overflows its 8 slots"):
         store(cache, (kv, kv), jnp.zeros((1, 4), jnp.int32), 5)
-    with pytest.raises(ValueError, match="capacity=0"):
+    with pytest.raises(ValueError, match="capacity must be >= 1, got 0"):
         init_kv_cache(1, 1, 0, 2, 4)
     assert cache.nbytes() == 2 * 8 * 2 * 4 * 4 + 8 * 4 + 8

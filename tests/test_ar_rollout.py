@@ -7,8 +7,9 @@ import pytest
 
 from models.ar.rollout import RolloutConfig, chunk_denoiser, kv_cache_bytes, rollout
 from models.wan import init_transformer, wan_tiny
+from models.wan.denoiser import DenseState
 from vidaccel.solvers import euler, unipc
-from vidaccel.transforms import CFGBranches
+from vidaccel.transforms import CFGBranches, Work
 
 FPB = 2
 CHUNKS = 4
@@ -114,10 +115,14 @@ def test_rollout_errors():
     noise, ctx = _inputs()
     with pytest.raises(ValueError, match="multiple of the chunk length 2"):
         rollout(model, noise[:, :5], ctx, solver=euler(2))
-    with pytest.raises(ValueError, match="kv_mode='fresh' is invalid"):
+    with pytest.raises(ValueError, match="kv_mode='fresh' is not allowed"):
         RolloutConfig(kv_mode="fresh")
     with pytest.raises(ValueError, match="sink_chunks needs a window_chunks"):
         RolloutConfig(sink_chunks=1)
+    with pytest.raises(ValueError, match=r"kv_attention='gather' is not allowed; choose one of \('auto', 'kernel'"):
+        RolloutConfig(kv_attention="gather")          # the backend vocabulary, minus the path a KV cache lacks
+    with pytest.raises(TypeError, match="RolloutConfig.window_chunks must be an int, got 2.0"):
+        RolloutConfig(window_chunks=2.0)
     with pytest.raises(ValueError, match="block-causal"):
         chunk_denoiser(init_transformer(wan_tiny(), seed=0))
 
@@ -155,15 +160,12 @@ def test_quantized_kernel_path_equals_reference_path():
 def test_storage_errors():
     model = _model()
     noise, ctx = _inputs()
-    with pytest.raises(ValueError, match="kv_storage='fp8' is invalid"):
+    with pytest.raises(ValueError, match="kv_storage='fp8' is not allowed"):
         RolloutConfig(kv_storage="fp8")
     with pytest.raises(ValueError, match="multiples of the key group size 32"):
         rollout(model, noise, ctx, solver=euler(2), config=RolloutConfig(kv_storage="int8"))
 
 
 def test_kv_cache_bytes_refuses_a_state_without_a_chunk_denoiser():
-    from vidaccel.transforms import Work
-    from models.wan.denoiser import DenseState
-
     with pytest.raises(ValueError, match="no ChunkState inside DenseState; was the denoiser built with chunk_denoiser"):
         kv_cache_bytes(CFGBranches(DenseState(Work.zero()), DenseState(Work.zero())))

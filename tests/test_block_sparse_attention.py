@@ -10,12 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from tests.pallas_lowering import abstract_h100, lower_for_cuda  # noqa: F401 (fixture)
 from jax.experimental import pallas as pl
 
 import pallas_kernels as pk
 from pallas_kernels import reference as R
+from tests.pallas_lowering import abstract_h100, lower_for_cuda  # noqa: F401 (fixture)
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
@@ -329,7 +328,8 @@ def test_bad_clusters_raise():
 # -------------------------------------------------------------------- GPU lowering (no GPU needed)
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_kernels_lower_to_triton_for_gpu(abstract_h100):
+@pytest.mark.usefixtures("abstract_h100")
+def test_kernels_lower_to_triton_for_gpu():
     """Compiled path (interpret=False): bf16 Wan-like head_dim 128, blocks 64, odd length; fp32 head_dim 24
     (padded to 32 inside) with a mask shared by the batch; the cluster kernel."""
     s = jax.ShapeDtypeStruct

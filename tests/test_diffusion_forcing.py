@@ -8,11 +8,11 @@ import pytest
 
 from models.ar.diffusion_forcing import df_sample
 from models.wan import init_transformer, wan_tiny
+from models.wan.denoiser import DenseState, wan_denoiser
 from tests.test_solvers import DATA, META, cl, max_rel, velocity
 from vidaccel.sampling import sample
 from vidaccel.solvers import unipc
 from vidaccel.transforms import Denoiser, Work, total_work
-from models.wan.denoiser import DenseState, wan_denoiser
 
 
 def field_denoiser() -> Denoiser:

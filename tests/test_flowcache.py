@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments.flowcache import flowcache, flowcache_config, flowcache_magi_config
-from experiments.teacache import calibrate, teacache
+from experiments.teacache import calibrate_teacache, teacache
 from models.ar.rollout import RolloutConfig, chunk_denoiser, rollout
 from models.wan import init_transformer, wan_tiny
 from vidaccel.residual_cache import ResidualCacheConfig, schedule
@@ -70,7 +70,7 @@ def test_schedule_replay_predicts_the_rollout_counters():
     noise, ctx = _inputs(3)
     solver = unipc(8)
     base = chunk_denoiser(model)
-    cal = calibrate(base, noise, ctx, solver=solver, indicator="e0")
+    cal = calibrate_teacache(base, noise, ctx, solver=solver, indicator="e0")
     assert cal.input_change.shape == (1, 24) and cal.steps == 8
     fc = flowcache_config(2.5, coefficients=None, warmup=2)
     tc = ResidualCacheConfig(2.5, None, indicator="e0", warmup=2, cutoff=-1)

@@ -6,12 +6,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.flowcache import flowcache, flowcache_config, kv_compression
-from models.ar.kv_cache import init_kv_cache
+from experiments.flowcache import (
+    KVCompressionConfig,
+    compress_cache,
+    compression_due,
+    flowcache,
+    flowcache_config,
+    importance,
+    kv_compression,
+    redundancy,
+    scores,
+    select,
+)
+from models.ar.compression import CacheCompressor
+from models.ar.kv_cache import init_cache, init_kv_cache, write_chunk
 from models.ar.rollout import RolloutConfig, chunk_denoiser, chunk_state_of, kv_cache_bytes, rollout
 from models.wan import init_transformer, wan_tiny
-from vidaccel.kv_compression import (KVCompressionConfig, compress_cache, compression_due, importance, redundancy,
-                                     scores, select)
+from pallas_kernels.kv_quantization import dequantize_kv
 from vidaccel.solvers import euler
 
 FPB = 2
@@ -78,6 +89,21 @@ def test_trigger_by_hand():
     assert [bool(compression_due(jnp.int32(f), 8, 16)) for f in (0, 8, 16)] == [False, False, True]
 
 
+def test_config_is_the_rollouts_compressor():
+    """KVCompressionConfig is the rollout's generic CacheCompressor: `due` is the trigger and `compress` is
+    `compress_cache` without the indices."""
+    cfg = kv_compression(2, query_granularity="chunk")
+    assert isinstance(cfg, CacheCompressor) and not isinstance(3, CacheCompressor)
+    assert [bool(cfg.due(jnp.int32(f), 8, 16)) for f in (0, 8, 16)] == [False, False, True]
+    cache = init_kv_cache(2, 1, 8, 2, 4, head_frames=True)
+    k, v = jax.random.normal(jax.random.key(1), (2, 2, 1, 8, 2, 4))
+    cache = write_chunk(cache, k, v, jnp.repeat(jnp.arange(4), 2)[None], 0)
+    q = jax.random.normal(jax.random.key(2), (2, 1, 4, 2, 4))
+    mine, want = cfg.compress(cache, q, 3, 2), compress_cache(cache, q, 3, cfg, 2)[0]
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), mine, want))
+    assert int(mine.valid.sum()) == 3
+
+
 def _model():
     m = init_transformer(wan_tiny(num_frame_per_block=FPB, num_layers=2), seed=5)
     m.proj_out.kernel.set_value(jax.random.normal(jax.random.key(7), m.proj_out.kernel.shape) * 0.3)
@@ -108,13 +134,27 @@ def test_compressed_rollout_holds_its_budget():
     np.testing.assert_allclose(wide.latents, full.latents, rtol=0, atol=1e-6)
 
 
+class _OneChunk:
+    """A compressor with a budget too small for the rollout (one chunk leaves no room for the next)."""
+
+    cache_chunks = 1
+
+    def due(self, filled, chunk_tokens, capacity):
+        return filled + chunk_tokens > capacity
+
+    def compress(self, cache, queries, keep, tokens_per_frame):
+        return cache
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="cache_chunks must be >= 2"):
         KVCompressionConfig(cache_chunks=1)
-    with pytest.raises(ValueError, match="pool_kernel=4"):
+    with pytest.raises(ValueError, match="pool_kernel must be odd"):
         KVCompressionConfig(pool_kernel=4)
-    with pytest.raises(ValueError, match="mix_lambda"):
+    with pytest.raises(ValueError, match="mix_lambda must be <= 1.0, got 2.0"):
         KVCompressionConfig(mix_lambda=2.0)
+    with pytest.raises(ValueError, match="mix_lambda must be finite"):
+        KVCompressionConfig(mix_lambda=float("nan"))
     with pytest.raises(ValueError, match="query_granularity='head'"):
         KVCompressionConfig(query_granularity="head")
     with pytest.raises(ValueError, match="window_chunks=None"):
@@ -125,6 +165,8 @@ def test_config_errors():
         RolloutConfig(kv_compression=KVCompressionConfig(), kv_storage="int8")
     with pytest.raises(ValueError, match="kv_compression=3 is invalid"):
         RolloutConfig(kv_compression=3)
+    with pytest.raises(ValueError, match="kv_compression.cache_chunks must be >= 2, got 1"):
+        RolloutConfig(kv_compression=_OneChunk())
     cache = init_kv_cache(1, 1, 4, 2, 1)
     with pytest.raises(ValueError, match="per-head slot frames"):
         compress_cache(cache, jnp.zeros((1, 1, 1, 2, 1)), 2, KVCompressionConfig(), 1)
@@ -133,9 +175,6 @@ def test_config_errors():
 def test_write_chunk_float_and_quantized():
     """`write_chunk` (the commit of a chunk buffer) stores K/V, frames and validity; int8 storage holds them
     within its quantization step."""
-    from models.ar.kv_cache import init_cache, write_chunk
-    from pallas_kernels.kv_quantization import dequantize_kv
-
     k, v = jax.random.normal(jax.random.key(5), (2, 2, 1, 32, 2, 8))
     frames = jnp.full((1, 32), 7, jnp.int32)
     f32 = write_chunk(init_cache("float32", 2, 1, 64, 2, 8, window=32, head_frames=True), k, v, frames, 32)
@@ -143,7 +182,7 @@ def test_write_chunk_float_and_quantized():
     assert f32.valid.tolist() == [False] * 32 + [True] * 32 and (f32.head_frames[:, :, 32:] == 7).all()
     q8 = write_chunk(init_cache("int8", 2, 1, 64, 2, 8, window=32), k, v, frames, 32)
     for layer in range(2):
-        kd, vd = dequantize_kv(jax.tree.map(lambda a: a[layer], q8.layers))
+        kd, vd = dequantize_kv(jax.tree.map(lambda a, i=layer: a[i], q8.layers))
         np.testing.assert_allclose(kd[:, 32:], k[layer], atol=0.05)
         np.testing.assert_allclose(vd[:, 32:], v[layer], atol=0.05)
     assert q8.valid.tolist() == f32.valid.tolist()

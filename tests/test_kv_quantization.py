@@ -1,4 +1,4 @@
-"""pallas_kernels.kv_quantization quantization: int4 packing, quantize/dequantize error bounds, scale granularity, layout,
+"""pallas_kernels.kv_quantization: int4 packing, quantize/dequantize error bounds, scale granularity, layout,
 memory accounting, errors."""
 
 import jax
@@ -119,15 +119,15 @@ def test_init_quantized_kv_is_empty_with_static_shapes():
     assert cache.k_recent.dtype == jnp.bfloat16 and cache.group_size == 32
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(bits=3), "bits=3"),
-    (dict(group_size=0), "group_size=0"),
-    (dict(group_size=16.0), "group_size=16.0"),
-    (dict(symmetric=1), "symmetric=1"),
-    (dict(scale_dtype="int8"), "scale_dtype='int8'"),
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(bits=3), ValueError, "bits=3"),
+    (dict(group_size=0), ValueError, "KVQuantConfig.group_size must be >= 1, got 0"),
+    (dict(group_size=16.0), TypeError, r"KVQuantConfig.group_size must be an int, got 16.0 \(float\)"),
+    (dict(symmetric=1), TypeError, r"KVQuantConfig.symmetric must be True or False, got 1 \(int\)"),
+    (dict(scale_dtype="int8"), ValueError, "scale_dtype='int8'"),
 ])
-def test_bad_config_raises(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_config_raises(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
         kv.KVQuantConfig(**kwargs)
 
 
@@ -148,6 +148,8 @@ def test_bad_inputs_raise():
         kv.quantize_values(v[0], cfg)
     with pytest.raises(TypeError, match="floating"):
         kv.quantize_keys(k.astype(jnp.int32), cfg)
+    with pytest.raises(TypeError, match=r"capacity must be an int, got 64.0"):
+        kv.quantize_keys(k, cfg, capacity=64.0)
     with pytest.raises(ValueError, match="capacity=72"):
         kv.quantize_keys(k, cfg, capacity=72)
     with pytest.raises(ValueError, match="capacity=64"):
@@ -158,5 +160,5 @@ def test_bad_inputs_raise():
         kv.quantize_kv(k, v, cfg, k_recent=k[:, :8])
     with pytest.raises(ValueError, match="k_recent / v_recent"):
         kv.quantize_kv(k, v, cfg, k_recent=k[:, :8, :2], v_recent=v[:, :8, :2])
-    with pytest.raises(ValueError, match="window=0"):
+    with pytest.raises(ValueError, match="window must be >= 1, got 0"):
         kv.init_quantized_kv(1, 32, 2, 16, window=0, config=cfg)

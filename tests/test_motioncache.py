@@ -2,6 +2,7 @@
 exactness at threshold 0, and counters against a count taken while the compiled rollout runs."""
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +11,9 @@ import pytest
 from experiments.motioncache import MotionCacheConfig, decide_tokens, motion_weights, motioncache, patchify
 from models.ar.rollout import RolloutConfig, chunk_denoiser, rollout
 from models.wan import init_transformer, wan_tiny
+from models.wan.denoiser import wan_denoiser
 from vidaccel.solvers import euler
-from vidaccel.transforms import Denoiser, DenoiseSpec, total_work
+from vidaccel.transforms import DenoiseSpec, total_work
 
 FPB = 2
 
@@ -185,19 +187,24 @@ def test_counters_match_a_runtime_count(motion):
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="thresh=-1"):
+    with pytest.raises(ValueError, match="MotionCacheConfig.thresh must be >= 0.0, got -1.0"):
         MotionCacheConfig(thresh=-1.0)
-    with pytest.raises(ValueError, match="warmup=0"):
+    with pytest.raises(ValueError, match="MotionCacheConfig.warmup must be >= 1, got 0"):
         MotionCacheConfig(warmup=0)
     with pytest.raises(ValueError, match="motion='flow'"):
         MotionCacheConfig(motion="flow")
-    with pytest.raises(ValueError, match="buckets"):
+    with pytest.raises(ValueError, match=r"buckets=\(0.5, 0.75\) must be increasing fractions"):
         MotionCacheConfig(buckets=(0.5, 0.75))
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(ValueError, match=r"buckets\[0\] must be > 0.0, got 0.0"):
+        MotionCacheConfig(buckets=(0.0, 1.0))
+    with pytest.raises(ValueError, match="alpha must be <= 1.0, got 1.5"):
         MotionCacheConfig(alpha=1.5)
-    with pytest.raises(ValueError, match="temporal_vote"):
+    with pytest.raises(ValueError, match="temporal_vote must be < 1.0, got 1.0"):
         MotionCacheConfig(temporal_vote=1.0)
-    from models.wan.denoiser import wan_denoiser
+    with pytest.raises(ValueError, match=r"MotionCacheConfig.coefficients\[1\] must be finite"):
+        MotionCacheConfig(coefficients=(1.0, float("inf")))
+    with pytest.raises(TypeError, match="MotionCacheConfig.phase1_updates must be an int"):
+        MotionCacheConfig(phase1_updates=True)
     with pytest.raises(ValueError, match="partial forward"):
         motioncache(wan_denoiser(init_transformer(wan_tiny(), seed=0)), MotionCacheConfig())
     assert MotionCacheConfig(buckets=(0.3, 1.0)).bucket_sizes(16) == (5, 16)

@@ -10,11 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.pallas_lowering import abstract_h100, lower_for_cuda  # noqa: F401 (fixture)
-
+from pallas_kernels import kv_quantization as kv
 from pallas_kernels import quantized_kv_attention
 from pallas_kernels.reference import quantized_kv_attention_reference
-from pallas_kernels import kv_quantization as kv
+from tests.pallas_lowering import abstract_h100, lower_for_cuda  # noqa: F401 (fixture)
 
 B, TQ, T, W, H, D, G = 3, 40, 150, 24, 2, 32, 32
 LENGTH, RECENT, QLEN = [150, 97, 0], [24, 10, 7], [40, 33, 40]  # batch 2: window only
@@ -187,7 +186,8 @@ def test_group_size_without_a_valid_tile_raises():
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("bits", [8, 4])
-def test_kernel_lowers_to_triton_for_gpu(abstract_h100, bits):
+@pytest.mark.usefixtures("abstract_h100")
+def test_kernel_lowers_to_triton_for_gpu(bits):
     """Compiled path (interpret=False) at Wan's head_dim 128, bf16 queries, group 64 with block_k 64."""
     cache = jax.eval_shape(lambda: kv.init_quantized_kv(1, 256, 2, 128, window=48,
                                                         config=kv.KVQuantConfig(bits=bits, group_size=64)))

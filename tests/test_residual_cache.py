@@ -1,20 +1,21 @@
 """TeaCache / FlowCache: the decision rule on hand-made inputs, exactness at threshold 0, honest counters."""
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from experiments.flowcache import flowcache, flowcache_config
-from experiments.teacache import calibrate, fit_coefficients, teacache, teacache_config, wan21_teacache
+from experiments.teacache import calibrate_teacache, fit_coefficients, teacache, teacache_config, wan21_teacache
 from models.ar.rollout import RolloutConfig, chunk_denoiser, rollout
 from models.wan import init_transformer, wan_tiny
-from vidaccel.residual_cache import ResidualCacheConfig, choose_threshold, decide, relative_l1, rescale, schedule
+from models.wan.denoiser import wan_denoiser
+from vidaccel.residual_cache import ResidualCacheConfig, choose_threshold, decide, relative_change, rescale, schedule
 from vidaccel.sampling import sample
 from vidaccel.solvers import euler, unipc
-from vidaccel.transforms import Denoiser, DenoiseSpec, Stages, total_work
-from models.wan.denoiser import wan_denoiser
+from vidaccel.transforms import DenoiseSpec, Stages, total_work
 
 
 def test_decide_by_hand():
@@ -36,15 +37,15 @@ def test_schedule_and_threshold_choice_by_hand():
     assert np.flatnonzero(plan[0]).tolist() == [0, 3, 6, 9, 10, 13, 16, 19]
     thresh, frac = choose_threshold(cfg, np.full((1, 20), 0.1), 10, 0.4)
     assert 0.2 < thresh <= 0.3 and frac == 0.4
-    with pytest.raises(ValueError, match="target=0"):
+    with pytest.raises(ValueError, match="target must be > 0.0, got 0.0"):
         choose_threshold(cfg, np.full((1, 20), 0.1), 10, 0)
 
 
-def test_rescale_and_relative_l1():
+def test_rescale_and_relative_change():
     assert float(rescale((2.0, 0.0, 1.0), jnp.float32(3.0))) == 19.0
     assert float(rescale(None, jnp.float32(0.25))) == 0.25
     x, p = jnp.array([1.0, -2.0, 3.0]), jnp.array([1.0, -1.0, 1.0])
-    assert np.isclose(float(relative_l1(x, p)), (0 + 1 + 2) / 3 / 1.0)
+    assert np.isclose(float(relative_change(x, p)), (0 + 1 + 2) / 3 / 1.0)
 
 
 def _model(fpb=1):
@@ -123,7 +124,7 @@ def test_flowcache_resets_per_chunk():
 def test_calibration_fits_the_recorded_changes():
     model = _model()
     noise, ctx = _inputs()
-    cal = calibrate(wan_denoiser(model), noise, ctx, solver=unipc(10), indicator="e0")
+    cal = calibrate_teacache(wan_denoiser(model), noise, ctx, solver=unipc(10), indicator="e0")
     assert cal.input_change.shape == (1, 10) and len(cal.coefficients) == 5
     assert np.all(np.isfinite(cal.coefficients)) and cal.fit_relative_error < 0.5
     # a polynomial is recovered exactly from noiseless samples
@@ -133,10 +134,21 @@ def test_calibration_fits_the_recorded_changes():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="thresh=-1"):
+    with pytest.raises(ValueError, match=r"ResidualCacheConfig.thresh must be >= 0.0, got -1.0"):
         ResidualCacheConfig(-1.0)
     with pytest.raises(ValueError, match="indicator='x'"):
         ResidualCacheConfig(0.1, indicator="x")
+    with pytest.raises(ValueError, match="ResidualCacheConfig.thresh must be finite, got nan"):
+        ResidualCacheConfig(float("nan"))
+    with pytest.raises(ValueError, match="ResidualCacheConfig.max_change must be > 0.0, got 0.0"):
+        ResidualCacheConfig(0.1, max_change=0)
+    with pytest.raises(ValueError, match="ResidualCacheConfig.coefficients must hold at least one number"):
+        ResidualCacheConfig(0.1, coefficients=())
+    with pytest.raises(TypeError, match="ResidualCacheConfig.cutoff must be an int"):
+        ResidualCacheConfig(0.1, cutoff=1.5)
+    with pytest.raises(ValueError, match="scope='frame' is not allowed"):
+        ResidualCacheConfig(0.1, scope="frame")
+    assert ResidualCacheConfig(0.1, np.array([1, 2])).coefficients == (1.0, 2.0)
     with pytest.raises(ValueError, match="no published"):
         wan21_teacache("7b", 0.1)
     with pytest.raises(ValueError, match="scope='chunk' needs an AR chunk denoiser"):

@@ -5,11 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from models.ar.diffusion_forcing import df_sample
+from models.ar.rollout import rollout
 from models.wan import init_transformer, load_transformer, wan_tiny
-from vidaccel.sampling import sample
-from vidaccel.solvers import euler, unipc
 from models.wan.denoiser import wan_denoiser
 from tests.wan_fixtures import FIXTURES, rel_l2
+from vidaccel.sampling import sample
+from vidaccel.solvers import euler, unipc
 
 
 def test_sample_matches_diffusers_pipeline_loop():
@@ -59,3 +61,35 @@ def test_sample_errors():
         sample(den, den.params, noise.at[0, 0, 0, 0, 0].set(jnp.nan), ctx, solver=euler(2))
     with pytest.raises(ValueError, match=r"\(B, F, H, W, C\)"):
         sample(den, den.params, jnp.ones((1, 4, 4, 4)), ctx, solver=euler(2))
+
+
+def _samplers():
+    """sample, the AR rollout and diffusion forcing, each as f(noise, ctx, **kw) on a tiny model."""
+    den = wan_denoiser(init_transformer(wan_tiny()))
+    ar = init_transformer(wan_tiny(num_frame_per_block=2))
+    return {"sample": lambda noise, ctx, **kw: sample(den, den.params, noise, ctx, **kw),
+            "rollout": lambda noise, ctx, **kw: rollout(ar, noise, ctx, **kw),
+            "df_sample": lambda noise, ctx, **kw: df_sample(ar, noise, ctx, **kw)}
+
+
+@pytest.mark.parametrize("name", ["sample", "rollout", "df_sample"])
+def test_every_sampler_refuses_a_step_count_for_a_solver(name):
+    """`solver=50` (a step count where a Solver is expected) used to fail deep inside with an AttributeError
+    ('int' object has no attribute 'num_steps'); every sampler now says what a solver is."""
+    run = _samplers()[name]
+    noise, ctx = jnp.ones((1, 2, 4, 4, 4)), jnp.ones((1, 3, 16))
+    with pytest.raises(TypeError, match=r"solver must be a Solver \(vidaccel.solvers.unipc\(steps\) or euler"):
+        run(noise, ctx, solver=50)
+
+
+@pytest.mark.parametrize("name", ["sample", "rollout", "df_sample"])
+@pytest.mark.parametrize("guidance", [float("nan"), float("inf"), -float("inf"), np.float32("nan")])
+def test_every_sampler_refuses_non_finite_guidance(name, guidance):
+    """guidance=nan or inf used to run and return latents that were all NaN, without a word; every sampler
+    now refuses it before compiling (a non-number is a TypeError)."""
+    run = _samplers()[name]
+    noise, ctx = jnp.ones((1, 2, 4, 4, 4)), jnp.ones((1, 3, 16))
+    with pytest.raises(ValueError, match="guidance must be finite"):
+        run(noise, ctx, solver=euler(2), guidance=guidance, negative_context=ctx * 0)
+    with pytest.raises(TypeError, match="guidance must be a real number, got '5'"):
+        run(noise, ctx, solver=euler(2), guidance="5", negative_context=ctx * 0)

@@ -253,7 +253,7 @@ def test_bad_arguments():
         with pytest.raises(TypeError, match="steps must be an int"):
             make(True)
         for bad in (0.0, -1.0, float("nan"), float("inf")):
-            with pytest.raises(ValueError, match="shift must be finite and > 0"):
+            with pytest.raises(ValueError, match=r"shift must be (finite|> 0.0), got"):
                 make(5, bad)
         with pytest.raises(TypeError, match="shift must be a real number"):
             make(5, "3")
@@ -261,7 +261,7 @@ def test_bad_arguments():
             make(5, num_train_timesteps=0)
         with pytest.raises(TypeError):
             make(5, bogus=1)
-    with pytest.raises(ValueError, match="solver_order must be 1, 2 or 3, got 4"):
+    with pytest.raises(ValueError, match="solver_order must be <= 3, got 4"):
         unipc(5, solver_order=4)
     with pytest.raises(ValueError, match="solver_order must be >= 1"):
         unipc(5, solver_order=0)
@@ -269,7 +269,7 @@ def test_bad_arguments():
         unipc(5, disable_corrector=[4])
     with pytest.raises(ValueError, match="disable_corrector entry must be >= 0"):
         unipc(5, disable_corrector=[-1])
-    with pytest.raises(TypeError, match="last_sample_aliasing must be a bool"):
+    with pytest.raises(TypeError, match="last_sample_aliasing must be True or False, got 1"):
         unipc(5, last_sample_aliasing=1)
     with pytest.raises(ValueError, match="strictly decreasing"):
         unipc(5, num_train_timesteps=1)

@@ -5,10 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.wan import WanConfig, abstract_transformer, count_params, init_transformer, load_transformer, wan_tiny
-from models.wan import wan21_t2v_14b, wan21_t2v_1_3b
-from vidaccel.checks import assert_finite
+from models.wan import (
+    WanConfig,
+    abstract_transformer,
+    count_params,
+    init_transformer,
+    load_transformer,
+    wan21_t2v_1_3b,
+    wan21_t2v_14b,
+    wan_tiny,
+)
 from tests.wan_fixtures import FIXTURES, case_io, rel_l2
+from vidaccel.checks import assert_finite
 
 PARITY_RTOL = 1e-5  # relative L2 against diffusers, fp32 throughout
 

@@ -18,8 +18,8 @@ where there is one, else the reference, since the Pallas interpreter is for test
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from typing import Any, Callable
+from collections.abc import Callable, Collection
+from typing import Any
 
 import jax
 from flax import struct

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import jax
@@ -53,6 +53,21 @@ def float_arg(name: str, value: Any, *, low: float | None = None, high: float | 
     if high is not None and (value >= high if high_open else value > high):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
     return value
+
+
+def optional_float_arg(name: str, value: Any, **bounds) -> float | None:
+    """None, or `float_arg(name, value, **bounds)`."""
+    return None if value is None else float_arg(name, value, **bounds)
+
+
+def floats_arg(name: str, values: Any, **bounds) -> tuple[float, ...]:
+    """A non-empty sequence of finite reals (each as `float_arg(f"{name}[i]", ..., **bounds)`) as a tuple."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a sequence of numbers, got {values!r} ({type(values).__name__})")
+    out = tuple(float_arg(f"{name}[{i}]", v, **bounds) for i, v in enumerate(values))
+    if not out:
+        raise ValueError(f"{name} must hold at least one number, got an empty sequence")
+    return out
 
 
 def choice_arg(name: str, value: Any, allowed: Collection) -> Any:

@@ -1,7 +1,8 @@
 """Whole-block-stack caching with an accumulated-change rule: the shared core of TeaCache and FlowCache.
 
 At every call a cheap *indicator* (a function of the embedded input: the timestep modulation `e0` or `e`,
-or the patch-embedded noisy latent) is compared with its value at the previous call by relative L1,
+or the patch-embedded noisy latent) is compared with its value at the previous call (`relative_change`:
+mean|x - prev| / mean|prev|, the papers' "relative L1"; not the fidelity metric `vidaccel.metrics.relative_l1`),
 optionally rescaled by a polynomial, and accumulated. While the accumulator stays below the threshold the
 block stack is skipped (`lax.cond`, so the work is really not done) and the call reuses what the last
 computed call produced; otherwise the blocks run, the cached quantity is refreshed and the accumulator
@@ -32,22 +33,24 @@ from the dense trajectory.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from vidaccel.checks import choice_arg, float_arg, floats_arg, int_arg, optional_float_arg, optional_int_arg
 from vidaccel.transforms import Denoiser, DenoiseSpec, abstract_embedding, wrap_denoiser
 
 SCOPES = ("video", "chunk")
 REUSES = ("hidden", "latent")
 
 
-def relative_l1(x: jax.Array, prev: jax.Array) -> jax.Array:
-    """mean|x - prev| / mean|prev| over the whole tensor, in float32 (one decision per call)."""
+def relative_change(x: jax.Array, prev: jax.Array) -> jax.Array:
+    """mean|x - prev| / mean|prev| over the whole tensor, in float32: the indicator's change since the previous
+    call (one scalar, one decision per call)."""
     x, prev = x.astype(jnp.float32), prev.astype(jnp.float32)
     return jnp.mean(jnp.abs(x - prev)) / jnp.maximum(jnp.mean(jnp.abs(prev)), 1e-12)
 
@@ -68,12 +71,27 @@ INDICATORS: dict[str, Callable] = {
 }
 
 
+def check_change_rule(cfg, *, min_warmup: int = 0) -> None:
+    """Check, from a config's `__post_init__`, the fields every accumulated-change rule has (this module's
+    `ResidualCacheConfig`, MotionCache's config): thresh a finite number >= 0, coefficients None or finite
+    numbers (stored as a tuple of floats), indicator a key of INDICATORS, warmup an int >= `min_warmup`,
+    max_change None or a number > 0. Errors name `type(cfg).__name__` and the field."""
+    name = type(cfg).__name__
+    object.__setattr__(cfg, "thresh", float_arg(f"{name}.thresh", cfg.thresh, low=0.0))
+    if cfg.coefficients is not None:
+        object.__setattr__(cfg, "coefficients", floats_arg(f"{name}.coefficients", cfg.coefficients))
+    choice_arg(f"{name}.indicator", cfg.indicator, tuple(INDICATORS))
+    int_arg(f"{name}.warmup", cfg.warmup, min_warmup)
+    object.__setattr__(cfg, "max_change", optional_float_arg(f"{name}.max_change", cfg.max_change, low=0.0,
+                                                             low_open=True))
+
+
 @dataclasses.dataclass(frozen=True)
 class ResidualCacheConfig:
     """An accumulated-change caching rule.
 
     thresh: skip while the accumulator stays below it (0 = never skip, even where a fitted polynomial goes
-    negative). coefficients: rescaling polynomial (None = raw relative L1). max_change: indicator changes
+    negative). coefficients: rescaling polynomial (None = the raw relative change). max_change: indicator changes
     above it force a computation (the top of the calibrated range; None = no limit, as the published
     presets, whose changes stay in range). indicator: a key of INDICATORS.
     warmup: calls computed at the start of each scope. cutoff: calls from this index on (counted from the
@@ -91,26 +109,10 @@ class ResidualCacheConfig:
     max_change: float | None = None
 
     def __post_init__(self):
-        if not isinstance(self.thresh, (int, float)) or not np.isfinite(self.thresh) or self.thresh < 0:
-            raise ValueError(f"ResidualCacheConfig.thresh={self.thresh!r} is invalid: a finite number >= 0")
-        if self.max_change is not None and not (isinstance(self.max_change, (int, float)) and self.max_change > 0):
-            raise ValueError(f"ResidualCacheConfig.max_change={self.max_change!r} is invalid: None or a number > 0")
-        if self.coefficients is not None:
-            object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
-            if not self.coefficients or not all(np.isfinite(self.coefficients)):
-                raise ValueError("ResidualCacheConfig.coefficients must be a non-empty sequence of finite numbers "
-                                 "(highest degree first) or None")
-        if self.indicator not in INDICATORS:
-            raise ValueError(f"ResidualCacheConfig.indicator={self.indicator!r} is invalid; allowed: "
-                             f"{list(INDICATORS)}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"ResidualCacheConfig.warmup={self.warmup!r} is invalid: an int >= 0")
-        if self.cutoff is not None and (isinstance(self.cutoff, bool) or not isinstance(self.cutoff, int)):
-            raise ValueError(f"ResidualCacheConfig.cutoff={self.cutoff!r} is invalid: an int or None")
-        if self.scope not in SCOPES:
-            raise ValueError(f"ResidualCacheConfig.scope={self.scope!r} is invalid; allowed: {SCOPES}")
-        if self.reuse not in REUSES:
-            raise ValueError(f"ResidualCacheConfig.reuse={self.reuse!r} is invalid; allowed: {REUSES}")
+        check_change_rule(self)
+        optional_int_arg("ResidualCacheConfig.cutoff", self.cutoff)
+        choice_arg("ResidualCacheConfig.scope", self.scope, SCOPES)
+        choice_arg("ResidualCacheConfig.reuse", self.reuse, REUSES)
 
 
 @struct.dataclass
@@ -178,7 +180,7 @@ def residual_cache(den: Denoiser, cfg: ResidualCacheConfig, *, name: str = "resi
     def apply(params, state: ResidualCacheState, x, t, context):
         emb, inner = st.embed(params, state.inner, x, t, context)
         ind = indicator(emb)
-        delta = rescale(cfg.coefficients, relative_l1(ind, state.prev), cfg.max_change)
+        delta = rescale(cfg.coefficients, relative_change(ind, state.prev), cfg.max_change)
         compute, acc = decide(cfg, state.acc, delta, state.count, state.scope_calls)
 
         if cfg.reuse == "hidden":
@@ -241,7 +243,8 @@ def _rule(cfg: ResidualCacheConfig) -> ResidualCacheConfig:
 
 
 def schedule(cfg: ResidualCacheConfig, changes, scope_calls: int) -> np.ndarray:
-    """Replay the rule on recorded relative-L1 indicator changes (runs, calls): which calls are computed.
+    """Replay the rule on recorded indicator changes (`relative_change`, shaped (runs, calls)): which calls are
+    computed.
 
     `scope_calls` = calls per scope (steps per chunk for "chunk", all calls for "video"); the counter and
     accumulator restart at every multiple of it, as `residual_cache` does at each chunk commit.
@@ -257,8 +260,7 @@ def choose_threshold(cfg: ResidualCacheConfig, changes, scope_calls: int, target
     of calls closest to `target`, searched on a log grid spanning the scale of the rescaled changes. Among
     the grid points reaching the closest fraction the geometric middle is taken (robust to small changes of
     a content-dependent indicator). Returns (threshold, fraction of calls computed)."""
-    if not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
-        raise ValueError(f"choose_threshold: target={target!r} is invalid: a fraction in (0, 1]")
+    target = float_arg("choose_threshold target", target, low=0.0, high=1.0, low_open=True)
     changes = np.atleast_2d(np.asarray(changes, np.float32))
     scale = np.abs(np.asarray(rescale(cfg.coefficients, jnp.asarray(changes), cfg.max_change)))
     scale[..., ::scope_calls] = 0.0            # each scope's first call is forced by any warm-up

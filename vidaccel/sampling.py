@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import numbers
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 from tqdm.auto import tqdm
 
@@ -142,10 +141,10 @@ def check_sampler_args(den, solver, noise, guidance, context, negative_context, 
 
 
 def check_guidance(guidance, context, negative_context, noise, check_finite: bool):
-    """Validate CFG arguments (and finiteness); return (guided, the unconditional branch's context)."""
+    """Validate CFG arguments (and finiteness); return (guided, the unconditional branch's context).
+
+    guidance: None or a finite real number (NaN or inf would silently turn every latent into NaN)."""
     if guidance is not None:
-        if isinstance(guidance, bool) or not isinstance(guidance, (numbers.Real, jax.Array, np.ndarray)):
-            raise TypeError(f"guidance must be a real number or None, got {guidance!r}")
         guidance = float_arg("guidance", guidance)
     guided = guidance is not None and guidance != 1.0
     if guided:

@@ -23,33 +23,20 @@ DF uses 8.0.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from vidaccel.checks import int_arg
 from flax import struct
+
+from vidaccel.checks import bool_arg, float_arg, int_arg
 
 __all__ = ["Solver", "SolverState", "euler", "unipc", "shift_sigmas", "euler_schedule", "unipc_schedule"]
 
 DEFAULT_SHIFT = 3.0
 NUM_TRAIN_TIMESTEPS = 1000
-
-
-# ---------------------------------------------------------------- argument checks
-
-def _shift_arg(shift: Any) -> float:
-    if isinstance(shift, bool) or not isinstance(shift, numbers.Real):
-        raise TypeError(f"shift must be a real number, got {shift!r} ({type(shift).__name__})")
-    shift = float(shift)
-    if not (math.isfinite(shift) and shift > 0):
-        raise ValueError(f"shift must be finite and > 0, got {shift}")
-    return shift
 
 
 # ---------------------------------------------------------------- schedules
@@ -68,7 +55,7 @@ def euler_schedule(steps: int, shift: float = DEFAULT_SHIFT,
     float32; timesteps = float32 sigma * T; a final sigma 0 is appended.
     """
     steps = int_arg("steps", steps, 1)
-    shift = _shift_arg(shift)
+    shift = float_arg("shift", shift, low=0.0, low_open=True)
     T = int_arg("num_train_timesteps", num_train_timesteps, 1)
     train = np.linspace(1, T, T, dtype=np.float32)[::-1] / np.float32(T)
     ends = train[[0, -1]]
@@ -89,7 +76,7 @@ def unipc_schedule(steps: int, shift: float = DEFAULT_SHIFT,
     sigmas rounded to float32 with a final 0 appended.
     """
     steps = int_arg("steps", steps, 1)
-    shift = _shift_arg(shift)
+    shift = float_arg("shift", shift, low=0.0, low_open=True)
     T = int_arg("num_train_timesteps", num_train_timesteps, 1)
     sig = shift_sigmas(np.linspace(1, 1 / T, steps + 1)[:-1], shift)
     if abs(sig[0] - 1) < 1e-6:
@@ -379,19 +366,15 @@ def unipc(steps: int, shift: float = DEFAULT_SHIFT, *, solver_order: int = 2, so
     (the first step, disabled steps) the scheduler's `last_sample` is that view, so the next corrector
     starts from the new latent instead of the old one. False (default) is the plain scheduler semantics.
     """
-    order = int_arg("solver_order", solver_order, 1)
-    if order > 3:
-        raise ValueError(f"solver_order must be 1, 2 or 3, got {order}")
+    order = int_arg("solver_order", solver_order, 1, 3)
     if solver_type != "bh2":
         raise ValueError(f"solver_type must be 'bh2', got {solver_type!r}: diffusers' 'bh1' yields NaN at the "
                          "final step to sigma 0 (B(h) = h is infinite there)")
-    if not isinstance(lower_order_final, bool):
-        raise TypeError(f"lower_order_final must be a bool, got {lower_order_final!r}")
+    bool_arg("lower_order_final", lower_order_final)
     if not lower_order_final and order > 1:
         raise ValueError(f"lower_order_final=False with solver_order={order} is not supported: the final "
                          "multistep update to sigma 0 divides by an infinite log-SNR step (diffusers returns -inf)")
-    if not isinstance(last_sample_aliasing, bool):
-        raise TypeError(f"last_sample_aliasing must be a bool, got {last_sample_aliasing!r}")
+    last_sample_aliasing = bool_arg("last_sample_aliasing", last_sample_aliasing)
     steps = int_arg("steps", steps, 1)
     disabled = []
     for j in disable_corrector:

@@ -8,9 +8,10 @@ A `Policy` splits sparse attention into the two stages every method here shares:
 * `predict(q, k, layer_state, ctx) -> (plan, layer_state, PredictStats)`: the mask prediction (XAttention's
   antidiagonal estimate, SVG2's k-means and centroid top-p). HASTE's Temporal Mask Reuse wraps it in a
   `lax.cond` that returns the stored plan instead.
-* `attend(q, k, v, plan, ctx) -> out`: the sparse attention itself. `IMPLEMENTATIONS` names the ways a
-  policy can run it: "kernel" (the Pallas kernel), "reference" (its jnp reference) or "gather" (plain jnp
-  over the selected keys only, `pallas_kernels.gather_jnp`).
+* `attend(q, k, v, plan, ctx) -> out`: the sparse attention itself, run by the backend a policy was given
+  (`vidaccel.attention.BACKENDS`, resolved by `resolve_backend`): "kernel" (the Pallas kernel), "gather"
+  (plain jnp over the selected keys only, `pallas_kernels.gather_jnp`), "reference" (the kernel's masked
+  dense jnp reference) or "auto".
 
 The hook gives every layer its own policy state (stacked on a leading layer axis and threaded through the
 layer scan), its own row of per-head thresholds (`SparseState.thresholds`, (layers, heads), traced, so a
@@ -23,15 +24,16 @@ Counters (`SparseCounters`, per layer) record the work actually scheduled: atten
 mask predictions run and reused, query-key pairs and kernel tiles computed per head in sparse calls, and
 the FLOPs of mask prediction and of TMR's drift check. `sparse_summary` turns them into densities and
 ratios. The counters count what the sparse kernel computes. The other paths give the same result at
-different cost: the jnp reference (`implementation="reference"`) computes a masked dense attention, and the
-gather path (`"gather"`) computes the selected work plus padding up to static bucket widths
+different cost: the jnp reference (backend "reference") computes a masked dense attention, and the
+gather path ("gather") computes the selected work plus padding up to static bucket widths
 (`gather_jnp.gather_work`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,10 +41,17 @@ import numpy as np
 from flax import nnx, struct
 
 from vidaccel.attention import dense_attention
-from vidaccel.transforms import (Denoiser, DenoiseSpec, Stages, abstract_embedding, add_work, branch_states, find_state, staged_apply,
-                                 wrap_denoiser)
-
-IMPLEMENTATIONS = ("kernel", "reference", "gather")
+from vidaccel.transforms import (
+    Denoiser,
+    DenoiseSpec,
+    Stages,
+    abstract_embedding,
+    add_work,
+    branch_states,
+    find_state,
+    staged_apply,
+    wrap_denoiser,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +315,6 @@ def sparse_summary(state) -> dict:
     }
 
 
-__all__ = ["IMPLEMENTATIONS", "AttnSpec", "AttnContext", "PredictStats", "SparseCounters", "Policy",
+__all__ = ["AttnSpec", "AttnContext", "PredictStats", "SparseCounters", "Policy",
            "SparseState", "threshold_table", "check_dense_layers", "sparse_attention", "find_sparse_state",
            "with_thresholds", "sparse_summary"]

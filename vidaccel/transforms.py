@@ -12,7 +12,8 @@ shapes), including counters of the work actually done, so saved compute is measu
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.ar.schedules import generate_timestep_matrix
+from models.wan.denoiser import wan_denoiser
 from models.wan.transformer import WanTransformer
 from vidaccel.sampling import SampleOutput, check_sampler_args, guided_velocity, init_branches, run_sampler, tick
 from vidaccel.transforms import Denoiser, DenoiseSpec
-from models.wan.denoiser import wan_denoiser
 
 
 def df_schedule(solver, num_frames: int, *, ar_step: int, causal_block_size: int, window_frames: int | None = None,

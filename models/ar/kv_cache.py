@@ -22,10 +22,22 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from pallas_kernels import quantized_kv_attention
+from pallas_kernels.kv_quantization import (
+    KVQuantConfig,
+    QuantizedKV,
+    bytes_held,
+    init_quantized_kv,
+    quantize_keys,
+    quantize_values,
+)
+from pallas_kernels.reference import quantized_kv_attention_reference
 from vidaccel.attention import AttentionInfo, block_causal_mask, resolve_backend
-from pallas_kernels.kv_quantization import KVQuantConfig, QuantizedKV, bytes_held, init_quantized_kv, quantize_keys, quantize_values
+from vidaccel.checks import choice_arg, int_arg
 
 STORAGES = ("float32", "bfloat16", "int8", "int4")
+FLOAT_STORAGES = ("float32", "bfloat16")
+KV_BACKENDS = ("auto", "kernel", "reference")      # how a quantized cache is read (there is no gather path)
 
 
 @struct.dataclass
@@ -50,10 +62,11 @@ class KVCache:
 
 def init_kv_cache(num_layers: int, batch: int, capacity: int, heads: int, head_dim: int,
                   dtype=jnp.float32, *, head_frames: bool = False) -> KVCache:
+    """An empty float cache; `head_frames` also keeps each layer's and head's slot frames (for per-head
+    compression)."""
     for name, v in (("num_layers", num_layers), ("batch", batch), ("capacity", capacity), ("heads", heads),
                     ("head_dim", head_dim)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"init_kv_cache: {name}={v!r} must be a positive int")
+        int_arg(f"init_kv_cache {name}", v, 1)
     shape = (num_layers, batch, capacity, heads, head_dim)
     hf = jnp.zeros(shape[:4], jnp.int32) if head_frames else None
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, capacity), jnp.int32),
@@ -74,9 +87,9 @@ def cached_attention(cache, *, write_at: int | jax.Array | None = None, implemen
     `kv_frames`, as a partial forward over a chunk buffer is).
     """
     if isinstance(cache, QuantizedKVCache):
-        implementation = resolve_backend(implementation, allowed=("auto", "kernel", "reference"),
-                                         name="implementation")
+        implementation = resolve_backend(implementation, allowed=KV_BACKENDS, name="implementation")
         return _quantized_attention(cache, write_at, implementation)
+
     def attention(q, k, v, info: AttentionInfo, layer_state):
         k_l, v_l = layer_state
         keys = jnp.concatenate([k_l.astype(k.dtype), k], axis=1)
@@ -207,9 +220,8 @@ def init_cache(storage: str, num_layers: int, batch: int, capacity: int, heads: 
     (bfloat16 by default, as KIVI keeps them in half precision). `head_frames` (float storage only) keeps
     each layer's and head's slot frames, for per-head compression.
     """
-    if storage not in STORAGES:
-        raise ValueError(f"KV storage {storage!r} is unknown; allowed: {STORAGES}")
-    if storage in ("float32", "bfloat16"):
+    choice_arg("KV storage", storage, STORAGES)
+    if storage in FLOAT_STORAGES:
         return init_kv_cache(num_layers, batch, capacity, heads, head_dim, jnp.dtype(storage), head_frames=head_frames)
     if head_frames:
         raise ValueError(f"per-head slot frames (KV compression) need float storage, not {storage!r}")
@@ -225,9 +237,6 @@ def init_cache(storage: str, num_layers: int, batch: int, capacity: int, heads: 
 
 
 def _quantized_attention(cache: QuantizedKVCache, write_at, implementation: str):
-    from pallas_kernels import quantized_kv_attention
-    from pallas_kernels.reference import quantized_kv_attention_reference
-
     attend = quantized_kv_attention if implementation == "kernel" else quantized_kv_attention_reference
     config = _quantized_config(cache)
     filled = jnp.sum(cache.valid).astype(jnp.int32)

@@ -19,47 +19,71 @@ The cache holds `sink_chunks` first chunks for good plus a rolling window of the
 chunks, placed in a ring of slots (a new chunk overwrites the oldest non-sink one); `window_chunks=None`
 keeps every chunk. RoPE is applied before caching, so attention sees true relative frame distances.
 
-K/V storage (`kv_storage`): float32 or bfloat16 arrays, or int8 / int4 codes in the `pallas_kernels.kv_quantization` layout
-(keys per channel in groups of `kv_group_size` tokens, values per token, `kv_scale_dtype` scales), read by
-the quantized-KV attention kernel on GPU (`kv_attention="auto"`) or its jnp reference elsewhere; the
-chunk being denoised is the full-precision recent window. `kv_cache_bytes(out.state)` reports bytes held.
+K/V storage (`kv_storage`): float32 or bfloat16 arrays, or int8 / int4 codes in the
+`pallas_kernels.kv_quantization` layout (keys per channel in groups of `kv_group_size` tokens, values per
+token, `kv_scale_dtype` scales), read by the quantized-KV attention kernel on GPU (`kv_attention="auto"`)
+or its jnp reference elsewhere; the chunk being denoised is the full-precision recent window.
+`kv_cache_bytes(out.state)` reports bytes held.
 
 The per-chunk model is a `Denoiser` (`chunk_denoiser`) whose state holds the cache, so methods that wrap a
 Denoiser apply to AR rollouts as they do to text-to-video sampling, and CFG branches keep separate caches.
 Its stages add a partial forward (`ChunkStages.partial`): the blocks on a gathered subset of the chunk's
 tokens, which refresh only their own entries of the buffer (MotionCache).
 
-KV compression (`kv_compression`, FlowCache): instead of a rolling window, the clean cache holds at most
-`cache_chunks` chunks; when a finished chunk does not fit, each layer and head first keeps its best
-`(cache_chunks - 1)` chunks' worth of tokens by importance and redundancy (`vidaccel.kv_compression`),
-scored with the queries of the finished chunk's clean pass (so it needs `kv_mode="clean"`); the cache is
-a prefix of filled slots rather than a ring.
+KV compression (`kv_compression`, any `models.ar.compression.CacheCompressor`, e.g. FlowCache's): instead
+of a rolling window, the clean cache holds at most `cache_chunks` chunks; when a finished chunk does not
+fit, the compressor first reduces each layer and head to one chunk fewer, scoring with the queries of the
+finished chunk's clean pass (so it needs `kv_mode="clean"`); the cache is a prefix of filled slots rather
+than a ring.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from models.ar.kv_cache import (STORAGES, cached_attention, capturing_queries, init_cache, layer_state, store,
-                                with_chunk_buffer, write_chunk)
+from models.ar.compression import CacheCompressor, make_room
+from models.ar.kv_cache import (
+    FLOAT_STORAGES,
+    KV_BACKENDS,
+    STORAGES,
+    cached_attention,
+    capturing_queries,
+    init_cache,
+    layer_state,
+    store,
+    with_chunk_buffer,
+    write_chunk,
+)
 from models.wan.transformer import WanTransformer
-from vidaccel.checks import int_arg
-from vidaccel.kv_compression import KVCompressionConfig, compress_cache, compression_due
 from pallas_kernels.kv_quantization import SCALE_DTYPES
+from vidaccel.checks import choice_arg, int_arg, optional_int_arg
 from vidaccel.sampling import check_sampler_args, denoise_loop, init_branches, run_sampler
-from vidaccel.transforms import CFGBranches, DenoiseSpec, Denoiser, Stages, Work, branch_states, find_state, staged_apply
+from vidaccel.transforms import (
+    CFGBranches,
+    Denoiser,
+    DenoiseSpec,
+    Stages,
+    Work,
+    branch_states,
+    find_state,
+    staged_apply,
+)
 
 KV_MODES = ("clean", "last_step")
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-    """How the AR rollout keeps context: window and sink sizes in chunks, and where cached K/V come from."""
+    """How the AR rollout keeps context: window and sink sizes in chunks, where cached K/V come from, how
+    they are stored (`kv_storage`, and for int8 / int4 the key group size and scale dtype) and read
+    (`kv_attention`: "auto", "kernel" or "reference", see `vidaccel.attention.resolve_backend`), and an
+    optional compressor of the clean history (`kv_compression`, a `CacheCompressor`)."""
 
     window_chunks: int | None = None
     sink_chunks: int = 0
@@ -68,38 +92,34 @@ class RolloutConfig:
     kv_attention: str = "auto"
     kv_group_size: int = 32
     kv_scale_dtype: str = "bfloat16"
-    kv_compression: KVCompressionConfig | None = None
+    kv_compression: CacheCompressor | None = None
 
     def __post_init__(self):
-        if self.window_chunks is not None:
-            int_arg("RolloutConfig.window_chunks", self.window_chunks, 1)
+        optional_int_arg("RolloutConfig.window_chunks", self.window_chunks, 1)
         int_arg("RolloutConfig.sink_chunks", self.sink_chunks, 0)
         int_arg("RolloutConfig.kv_group_size", self.kv_group_size, 1)
-        if self.kv_mode not in KV_MODES:
-            raise ValueError(f"RolloutConfig.kv_mode={self.kv_mode!r} is invalid; allowed: {KV_MODES}")
-        if self.kv_storage not in STORAGES:
-            raise ValueError(f"RolloutConfig.kv_storage={self.kv_storage!r} is invalid; allowed: {STORAGES}")
-        if self.kv_scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"RolloutConfig.kv_scale_dtype={self.kv_scale_dtype!r} is invalid; allowed: "
-                             f"{SCALE_DTYPES}")
-        if self.kv_attention not in ("auto", "kernel", "reference"):
-            raise ValueError(f"RolloutConfig.kv_attention={self.kv_attention!r} is invalid; allowed: auto, kernel, "
-                             "reference")
+        choice_arg("RolloutConfig.kv_mode", self.kv_mode, KV_MODES)
+        choice_arg("RolloutConfig.kv_storage", self.kv_storage, STORAGES)
+        choice_arg("RolloutConfig.kv_scale_dtype", self.kv_scale_dtype, SCALE_DTYPES)
+        choice_arg("RolloutConfig.kv_attention", self.kv_attention, KV_BACKENDS)
         if self.window_chunks is None and self.sink_chunks:
             raise ValueError("RolloutConfig.sink_chunks needs a window_chunks (without a window every chunk is kept)")
         if self.kv_compression is not None:
-            if not isinstance(self.kv_compression, KVCompressionConfig):
+            if not isinstance(self.kv_compression, CacheCompressor):
                 raise ValueError(f"RolloutConfig.kv_compression={self.kv_compression!r} is invalid; allowed: None "
-                                 "or a vidaccel.kv_compression.KVCompressionConfig")
+                                 "or a models.ar.compression.CacheCompressor (e.g. experiments.flowcache."
+                                 "kv_compression())")
+            int_arg("RolloutConfig.kv_compression.cache_chunks", self.kv_compression.cache_chunks, 2)
             if self.window_chunks is not None:
                 raise ValueError("RolloutConfig.kv_compression replaces the rolling window; set window_chunks=None")
-            if self.kv_storage not in ("float32", "bfloat16"):
+            if self.kv_storage not in FLOAT_STORAGES:
                 raise ValueError(f"RolloutConfig.kv_compression needs float K/V storage, not {self.kv_storage!r}")
             if self.kv_mode != "clean":
                 raise ValueError("RolloutConfig.kv_compression scores with the clean pass's queries; it needs "
                                  f"kv_mode='clean', not {self.kv_mode!r}")
 
     def capacity_chunks(self, num_chunks: int) -> int:
+        """Chunks of K/V the cache holds for a video of `num_chunks` chunks."""
         if self.kv_compression is not None:
             return min(num_chunks, self.kv_compression.cache_chunks)
         if self.window_chunks is None:
@@ -233,24 +253,14 @@ def chunk_denoiser(model: WanTransformer, config: RolloutConfig = RolloutConfig(
         else:       # the clean pass's K/V and queries; compress if they do not fit, then store them
             emb, state = embed(params, state, x0, jnp.zeros((x0.shape[0],), jnp.float32), context)
             _, state, queries = run_blocks(params, state, emb, capture=True)
-            cache = _maybe_compress(state.cache, queries, emb, config.kv_compression)
+            cache = make_room(state.cache, queries, config.kv_compression, emb.tokens.shape[1],
+                              emb.grid[1] * emb.grid[2])
             state = state.replace(cache=write_chunk(cache, *state.own, emb.positions[..., 0],
                                                     jnp.sum(cache.valid).astype(jnp.int32)))
         return state.replace(chunk=state.chunk + 1, step=jnp.zeros((), jnp.int32))
 
     return Denoiser(init=init, apply=staged_apply(stages), graphdef=graphdef, params=params,
                     name=f"ar_{config.kv_mode}", stages=stages, commit=commit, config=model.cfg)
-
-
-def _maybe_compress(cache, queries, emb, compress: KVCompressionConfig):
-    """The cache made ready to store the chunk `emb` (clean pass queries `queries`): compressed to one chunk
-    fewer than its capacity when the chunk does not fit, else unchanged."""
-    n = emb.tokens.shape[1]
-    cap = cache.capacity
-    due = compression_due(jnp.sum(cache.valid), n, cap)
-    tokens_per_frame = emb.grid[1] * emb.grid[2]
-    return jax.lax.cond(due, lambda c: compress_cache(c, queries, max(cap - n, n), compress, tokens_per_frame)[0],
-                        lambda c: c, cache)
 
 
 @struct.dataclass

@@ -22,11 +22,10 @@ masks by the first row, then fails or returns a 1-D mask).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 
-from vidaccel.checks import int_arg
+from vidaccel.checks import bool_arg, int_arg
 
 __all__ = ["generate_timestep_matrix"]
 
@@ -57,9 +56,7 @@ def generate_timestep_matrix(
     ar_step = int_arg("ar_step", ar_step, 0)
     num_pre_ready = int_arg("num_pre_ready", num_pre_ready, 0)
     cbs = int_arg("causal_block_size", causal_block_size, 1)
-    if not isinstance(shrink_interval_with_mask, bool):
-        raise TypeError(f"shrink_interval_with_mask must be a bool, got {shrink_interval_with_mask!r}")
-    if shrink_interval_with_mask:
+    if bool_arg("shrink_interval_with_mask", shrink_interval_with_mask):
         raise ValueError("shrink_interval_with_mask=True is not supported: in diffusers 0.42.1 (and the SkyReels-V2 "
                          "original) it replaces the per-row update masks by the first row and then fails or "
                          "returns a malformed mask")

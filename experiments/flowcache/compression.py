@@ -1,4 +1,4 @@
-"""Importance-redundancy KV-cache compression under a fixed memory budget (FlowCache, adapted from R-KV).
+"""FlowCache's KV-cache compression: importance-redundancy scores under a fixed memory budget (from R-KV).
 
 When a finished chunk's K/V are to be stored and the cache of clean chunks has no room for them, every
 layer and head first keeps only the `keep` clean tokens with the highest score
@@ -6,15 +6,16 @@ layer and head first keeps only the `keep` clean tokens with the highest score
     score_j = lambda * Imp_j - (1 - lambda) * Red_j,        lambda = 0.07
 
 - Imp_j: attention of the newest queries (the chunk being stored, from its clean pass; its last latent frame
-  by default) over the cached clean keys: softmax over the keys of q.k / sqrt(d) per query, mean over the queries, then a 1-D max
-  pool of width 7 along the raster (slot) order;
+  by default) over the cached clean keys: softmax over the keys of q.k / sqrt(d) per query, mean over the
+  queries, then a 1-D max pool of width 7 along the raster (slot) order;
 - Red_j: softmax over j of the key's mean cosine similarity to the other clean keys, computed in O(L d) as
   (k^_j . sum_i k^_i - 1) / L with unit keys k^ (the diagonal-zeroed mean, without the L x L matrix).
 
 Top-`keep` per head, so heads keep different tokens: indices are (layers, batch, heads, keep), sorted to
 keep raster order, and the cache records each head's slot frames (`KVCache.head_frames`). RoPE is applied
 before caching, so a kept key keeps its true position. As in the MAGI code, each event drops one chunk's
-worth: keep = max(clean - chunk_tokens, chunk_tokens) (see ../shared/specs/ar_caching.md section 1.4).
+worth: the rollout asks for keep = max(clean - chunk_tokens, chunk_tokens) (../shared/specs/ar_caching.md
+section 1.4).
 
 Trigger, adapted to a synchronous rollout: MAGI compresses the clean history when its memory (clean +
 in-flight chunks) reaches the budget, at least two clean chunks exist, more chunks are to come and the next
@@ -22,6 +23,9 @@ chunk is about to enter, so that the entering chunk gets a slot. Here the chunk 
 cache (its K/V are the attention's own keys until it is committed), so the equivalent moment is its commit:
 compress iff its K/V do not fit (`compression_due`). The cache then holds `cache_chunks` chunks of clean
 history while every chunk is denoised, as a rolling window of that many chunks would.
+
+`KVCompressionConfig` is a `models.ar.compression.CacheCompressor`: pass it as
+`RolloutConfig(kv_compression=...)` and the rollout calls its `due` and `compress` at every commit.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidaccel.checks import int_arg
+from models.ar.kv_cache import KVCache
+from vidaccel.checks import choice_arg, float_arg, int_arg
 
 QUERY_GRANULARITIES = ("chunk", "frame", "token")
 
@@ -57,14 +62,13 @@ class KVCompressionConfig:
     def __post_init__(self):
         int_arg("KVCompressionConfig.cache_chunks", self.cache_chunks, 2)
         int_arg("KVCompressionConfig.pool_kernel", self.pool_kernel, 1)
-        int_arg("KVCompressionConfig.query_tokens", self.query_tokens, 1)
         if self.pool_kernel % 2 == 0:
-            raise ValueError(f"KVCompressionConfig.pool_kernel={self.pool_kernel} is invalid: an odd int >= 1")
-        if not (isinstance(self.mix_lambda, (int, float)) and 0.0 <= self.mix_lambda <= 1.0):
-            raise ValueError(f"KVCompressionConfig.mix_lambda={self.mix_lambda!r} is invalid: a number in [0, 1]")
-        if self.query_granularity not in QUERY_GRANULARITIES:
-            raise ValueError(f"KVCompressionConfig.query_granularity={self.query_granularity!r} is invalid; "
-                             f"allowed: {QUERY_GRANULARITIES}")
+            raise ValueError(f"KVCompressionConfig.pool_kernel must be odd (a centred window), got "
+                             f"{self.pool_kernel}")
+        int_arg("KVCompressionConfig.query_tokens", self.query_tokens, 1)
+        object.__setattr__(self, "mix_lambda", float_arg("KVCompressionConfig.mix_lambda", self.mix_lambda,
+                                                         low=0.0, high=1.0))
+        choice_arg("KVCompressionConfig.query_granularity", self.query_granularity, QUERY_GRANULARITIES)
 
     def select_queries(self, q: jax.Array, tokens_per_frame: int) -> jax.Array:
         """The scoring queries among a forward's queries (..., N, H, D) (tokens in raster order)."""
@@ -72,6 +76,20 @@ class KVCompressionConfig:
             return q
         last = tokens_per_frame if self.query_granularity == "frame" else self.query_tokens
         return q[..., -min(last, q.shape[-3]):, :, :]
+
+    # the CacheCompressor interface the rollout calls
+    def due(self, filled: jax.Array, chunk_tokens: int, capacity: int) -> jax.Array:
+        """`compression_due`: the finished chunk does not fit."""
+        return compression_due(filled, chunk_tokens, capacity)
+
+    def compress(self, cache: KVCache, queries: jax.Array, keep: int, tokens_per_frame: int) -> KVCache:
+        """`compress_cache` with this config (the kept indices dropped)."""
+        return compress_cache(cache, queries, keep, self, tokens_per_frame)[0]
+
+
+def kv_compression(cache_chunks: int = 6, **overrides) -> KVCompressionConfig:
+    """FlowCache's KV compression config (MAGI code defaults); pass it as `RolloutConfig(kv_compression=...)`."""
+    return KVCompressionConfig(cache_chunks=cache_chunks, **overrides)
 
 
 def importance(q: jax.Array, k: jax.Array, valid: jax.Array, pool_kernel: int) -> jax.Array:
@@ -110,7 +128,8 @@ def select(score: jax.Array, keep: int) -> jax.Array:
     return jnp.sort(jax.lax.top_k(score, keep)[1], axis=-1)
 
 
-def compress_cache(cache, queries: jax.Array, keep: int, cfg: KVCompressionConfig, tokens_per_frame: int):
+def compress_cache(cache: KVCache, queries: jax.Array, keep: int, cfg: KVCompressionConfig,
+                   tokens_per_frame: int) -> tuple[KVCache, jax.Array]:
     """The float `KVCache` with each layer's and head's clean slots reduced to its `keep` best, packed at the
     front (slots >= keep emptied). queries: (L, B, N, H, D) of the last forward; the cache needs
     `head_frames`. Returns (cache, indices (L, B, H, keep) of the kept slots)."""
@@ -143,3 +162,7 @@ def compression_due(filled: jax.Array, chunk_tokens: int, capacity: int) -> jax.
     cache (`filled` of `capacity` slots) has no room for it. A cache of >= 2 chunks then holds >= 2 clean
     chunks, MAGI's other condition."""
     return filled + chunk_tokens > capacity
+
+
+__all__ = ["QUERY_GRANULARITIES", "KVCompressionConfig", "kv_compression", "importance", "redundancy", "scores",
+           "select", "compress_cache", "compression_due"]
