@@ -6,13 +6,14 @@
 For every rollout length (in multiples of the training length, 8 latent frames) and every KV storage
 (float32, bfloat16, int8, int4), the AR shapes model rolls out the same prompts from the same noise
 (UniPC, CFG 5, rolling window of `--window` chunks). Each storage is compared with the float32 rollout of the
-same length: PSNR / SSIM over the whole video, PSNR per training-length segment (drift along the video),
-and prompt adherence (whole video and per segment). KV bytes are what the cache pytree holds (both CFG
-branches); wall-clock ratios come from compiled second runs at `--time-length`, all in this process.
-Memory flatness is measured separately: one fresh process per length runs a float32 rollout of one prompt
-and reports its peak resident memory.
+same length: PSNR / SSIM over the whole video (`experiments.harness.video_fidelity`), PSNR per
+training-length segment (drift along the video), and prompt adherence (whole video and per segment). KV
+bytes are what the cache pytree holds (both CFG branches); wall-clock ratios come from compiled runs at
+`--time-length`, timed round-robin, all in this process. Memory flatness is measured separately: one fresh
+process per length runs a float32 rollout of one prompt and reports its peak resident memory.
 
-Writes `results/ar_kv/storage.json`, `storage.md` (the table) and `drift.png`.
+Writes `results/ar_kv/storage.json`, `storage.md` (the table) and `drift.png` (needs matplotlib:
+`vidaccel[plots]`).
 """
 
 from __future__ import annotations
@@ -25,30 +26,30 @@ import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+
+from experiments.harness import PSNR_CAP, interleaved_times, plot_or_skip, pyplot, video_fidelity, write_results
+from experiments.shapes_eval import segment_adherence
+from models.ar.rollout import RolloutConfig, kv_cache_bytes, rollout
+from models.shapes import adherence, decode_latents, encode_prompts, sample_prompts
+from models.shapes.latents import LATENT_FRAMES, TEMPORAL_GROUP
+from models.shapes.pretrained import latent_noise, load_shapes_model, training_info
+from vidaccel.checks import int_arg
+from vidaccel.metrics import psnr_per_frame
+from vidaccel.solvers import unipc
 
 RESULTS = Path("results/ar_kv")
 STORAGE_ORDER = ("float32", "bfloat16", "int8", "int4")
 
 
 def _setup(n: int, seed: int):
-    import jax.numpy as jnp
-
-    from models.shapes import encode_prompts, sample_prompts
-
     prompts = sample_prompts(n, seed, "heldout")
-    ctx = jnp.asarray(encode_prompts(prompts))
-    return prompts, ctx
+    return prompts, jnp.asarray(encode_prompts(prompts))
 
 
 def _rollout(model, prompts_ctx, frames: int, storage: str, steps: int, guidance: float, window: int, sink: int,
              seed: int, progress=False):
-    import jax.numpy as jnp
-
-    from models.ar.rollout import RolloutConfig, kv_cache_bytes, rollout
-    from models.shapes.pretrained import latent_noise
-    from vidaccel.solvers import unipc
-
     _, ctx = prompts_ctx
     config = RolloutConfig(window_chunks=window, sink_chunks=sink, kv_storage=storage)
     t0 = time.perf_counter()
@@ -60,12 +61,6 @@ def _rollout(model, prompts_ctx, frames: int, storage: str, steps: int, guidance
 def run(n: int = 8, steps: int = 50, guidance: float = 5.0, lengths=(1, 4, 16), storages=STORAGE_ORDER,
         window: int = 3, sink: int = 0, seed: int = 0, time_length: int = 4, log=print) -> dict:
     """The storage experiment; returns the results dict (also the content of storage.json)."""
-    from experiments.shapes_eval import segment_adherence
-    from models.shapes import adherence, decode_latents
-    from models.shapes.latents import LATENT_FRAMES, TEMPORAL_GROUP
-    from models.shapes.pretrained import load_shapes_model, training_info
-    from vidaccel.metrics import psnr, psnr_per_frame, ssim
-
     model = load_shapes_model("ar")
     pc = _setup(n, seed)
     prompts = pc[0]
@@ -85,14 +80,14 @@ def run(n: int = 8, steps: int = 50, guidance: float = 5.0, lengths=(1, 4, 16), 
                    "adherence": round(adh["score"], 4), "adherence_per_segment": [round(s, 4) for s in segs],
                    "adherence_segment_mean": round(float(np.mean(segs)), 4),
                    "adherence_segment_min": round(float(np.min(segs)), 4), "first_call_seconds": round(seconds, 2)}
-            x = video.astype(np.float32) / 255.0
             if storage == storages[0]:
-                ref_video = x
+                ref_video = video
             else:
-                per_frame = np.asarray(psnr_per_frame(x, ref_video)).mean(0)        # mean over prompts, (T,)
-                row.update(psnr=round(float(np.mean(psnr(x, ref_video))), 2),
-                           ssim=round(float(np.mean(ssim(x, ref_video))), 4),
-                           psnr_per_segment=[round(float(_finite_mean(per_frame[s:s + seg])), 2)
+                fid = video_fidelity(video, ref_video)
+                x, r = (v.astype(np.float32) / 255.0 for v in (video, ref_video))
+                per_frame = np.asarray(psnr_per_frame(x, r)).mean(0)        # mean over prompts, (T,)
+                row.update(psnr=round(fid["psnr"], 2), ssim=round(fid["ssim"], 4),
+                           psnr_per_segment=[round(float(np.mean(np.minimum(per_frame[s:s + seg], PSNR_CAP))), 2)
                                              for s in range(0, len(per_frame), seg)])
                 drift[f"{length}x/{storage}"] = row["psnr_per_segment"]
             rows.append(row)
@@ -106,21 +101,14 @@ def run(n: int = 8, steps: int = 50, guidance: float = 5.0, lengths=(1, 4, 16), 
             "model": training_info("ar")}
 
 
-def _finite_mean(a: np.ndarray) -> float:
-    """Mean of per-frame PSNRs, identical frames (+inf) capped at 100 dB so a segment mean stays finite."""
-    return float(np.mean(np.minimum(a, 100.0)))
-
-
 def _timing(model, pc, length, storages, steps, guidance, window, sink, seed, log) -> dict:
-    """Wall-clock of a compiled second run per storage at one length, and ratios to float32."""
-    from models.shapes.latents import LATENT_FRAMES
-
+    """Wall-clock of a compiled run per storage at one length (round-robin after a warm-up round), and ratios
+    to the first storage."""
     frames = LATENT_FRAMES * length
-    out = {"length_x": length, "seconds": {}}
-    for storage in storages:
-        _rollout(model, pc, frames, storage, steps, guidance, window, sink, seed)      # compile + warm up
-        _, _, seconds = _rollout(model, pc, frames, storage, steps, guidance, window, sink, seed)
-        out["seconds"][storage] = round(seconds, 3)
+    fns = {s: (lambda s=s: _rollout(model, pc, frames, s, steps, guidance, window, sink, seed)[0]) for s in storages}
+    times = interleaved_times(fns, 1, warmup=1)
+    out = {"length_x": length, "seconds": {s: round(t[0], 3) for s, t in times.items()}}
+    for storage, seconds in out["seconds"].items():
         log(f"[timing {length}x] {storage}: {seconds:.2f} s")
     base = out["seconds"][storages[0]]
     out["ratio_to_" + storages[0]] = {s: round(base / t, 3) for s, t in out["seconds"].items()}
@@ -130,9 +118,6 @@ def _timing(model, pc, length, storages, steps, guidance, window, sink, seed, lo
 # ------------------------------------------------------------------------------------------- memory probe
 def memory_probe(length: int, steps: int, window: int, sink: int) -> dict:
     """Run one float32 rollout of one prompt at `length` x training length in this process; peak RSS."""
-    from models.shapes.latents import LATENT_FRAMES
-    from models.shapes.pretrained import load_shapes_model
-
     model = load_shapes_model("ar")
     latents, nbytes, seconds = _rollout(model, _setup(1, 0), LATENT_FRAMES * length, "float32", steps, 5.0, window,
                                         sink, 0)
@@ -156,6 +141,7 @@ def memory_curve(lengths, steps: int, window: int, sink: int, log=print) -> list
 
 # ------------------------------------------------------------------------------------------------ reports
 def table(res: dict) -> str:
+    """`storage.md`: one row per (length, storage), then the timing and memory lines."""
     lines = ["| length | storage | KV bytes | vs bf16 | PSNR vs fp32 | SSIM vs fp32 | adherence (video) | "
              "adherence (segments: mean / min) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
@@ -172,11 +158,8 @@ def table(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """`drift.png`: PSNR against float32 and adherence per training-length segment along the longest rollout."""
+    plt = pyplot()
     longest = max(r["length_x"] for r in res["rows"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r in res["rows"]:
@@ -213,11 +196,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-probe", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
-    for flag, v in (("--n", a.n), ("--steps", a.steps), ("--window", a.window), ("--time-length", a.time_length)):
-        if v < 1:
-            p.error(f"{flag}={v} must be >= 1")
-    if a.sink < 0 or min(a.lengths) < 1:
-        p.error("--sink must be >= 0 and every --lengths value >= 1")
+    try:
+        for flag, v in (("--n", a.n), ("--steps", a.steps), ("--window", a.window), ("--time-length", a.time_length),
+                        *(("--lengths", x) for x in a.lengths)):
+            int_arg(flag, v, minimum=1)
+        int_arg("--sink", a.sink, minimum=0)
+    except ValueError as err:
+        p.error(str(err))
     if a.memory_probe is not None:
         print(json.dumps(memory_probe(a.memory_probe, a.steps, a.window, a.sink)))
         return
@@ -228,11 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     res["command"] = "python -m experiments.ar_kv_storage " + " ".join(argv if argv is not None else sys.argv[1:])
     if not a.no_memory:
         res["memory"] = memory_curve(a.lengths, a.steps, a.window, a.sink)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "storage.json").write_text(json.dumps(res, indent=1))
     md = table(res)
-    (a.out / "storage.md").write_text(md + "\n")
-    plot(res, a.out / "drift.png")
+    write_results(a.out, "storage", res, md)
+    plot_or_skip(plot, res, a.out / "drift.png")
     print(md)
     print(f"wrote {a.out}/storage.json, storage.md, drift.png")
 

@@ -1,13 +1,19 @@
-"""Benchmark the Pallas attention kernels against jax.nn.dot_product_attention (not a test).
+"""Attention benchmarks (not tests): the Pallas kernels against dense attention, and the plain-jnp gather path.
 
-For every shape and density: median wall time after warm-up, actual and dense-equivalent TFLOP/s, bytes/s
-(minimal HBM traffic / time) and the speed ratio to dense attention at the same shape (implementation "xla",
-plus "cudnn" on GPU), all measured in this one process. Writes `<out>/kernels[_smoke].json` and `.md`.
+Kernels: for every shape and density, median wall time after warm-up, actual and dense-equivalent TFLOP/s,
+bytes/s (minimal HBM traffic / time) and the speed ratio to dense attention at the same shape (implementation
+"xla", plus "cudnn" on GPU), all measured in this one process. Writes `<out>/kernels[_smoke].json` and `.md`.
 
     python -m experiments.bench_kernels                 # GPU: Wan 1.3B 480p and 14B 720p shapes
     python -m experiments.bench_kernels --smoke         # CPU: tiny shapes, interpret mode, < 1 minute
+    python -m experiments.bench_kernels --gather        # the gather path at the shapes model's size (CPU, ~1 min)
 
 On CPU the kernels run in Pallas interpret mode, so smoke times measure the interpreter, not a kernel.
+`--gather` times one attention call of dense XLA attention against the gather path
+(`pallas_kernels.gather_jnp`, what sparse attention runs on CPU) and the jnp reference, at densities 1, 0.5
+and 0.25, at the shapes model's size (512 tokens, 4 heads x 32, XAttention block 16, SVG2 tiles 32) and a
+larger one; it writes `<out>/attention_bench.json` and `.md` (default `results/sparse`, where
+`python -m experiments.sparse_table` also writes it as part of its table).
 """
 
 from __future__ import annotations
@@ -15,17 +21,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import pathlib
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import pallas_kernels as pk
+from experiments.harness import interleaved_times, machine, markdown_table, write_results
 from pallas_kernels import kv_quantization as kv
+from pallas_kernels.gather_jnp import gather_work
+from pallas_kernels.reference import block_sparse_attention_reference, cluster_sparse_attention_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,14 +71,7 @@ SMOKE_KV = [KVShape("smoke-kv", 1, 48, 160, 2, 32, 32, 16)]
 
 def timeit(fn: Callable[[], Any], warmup: int, iters: int) -> float:
     """Median seconds of `fn()` (blocked on its result) after `warmup` untimed calls (compilation included)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(interleaved_times({"fn": fn}, iters, warmup=warmup)["fn"])
 
 
 def safe_time(fn, warmup, iters) -> tuple[float | None, str | None]:
@@ -82,7 +85,7 @@ def dense_baselines(q, k, v, on_gpu, warmup, iters, mask=None) -> dict[str, dict
     out = {}
     for impl in ["xla"] + (["cudnn"] if on_gpu else []):
         f = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl))
-        t, err = safe_time(lambda: f(q, k, v), warmup, iters)
+        t, err = safe_time(lambda f=f: f(q, k, v), warmup, iters)
         out[impl] = {"seconds": t, "error": err}
     return out
 
@@ -127,7 +130,7 @@ def bench_attention(s: AttnShape, densities, dtype, on_gpu, interpret, warmup, i
         bi = random_blocks(keys[3], s.batch, s.heads, nq, nk, d)
         f = jax.jit(lambda q, k, v, i: pk.block_sparse_attention(q, k, v, i, block_q=s.block, block_k=s.block,
                                                                   interpret=interpret))
-        t, err = safe_time(lambda: f(q, k, v, bi), warmup, iters)
+        t, err = safe_time(lambda f=f, bi=bi: f(q, k, v, bi), warmup, iters)
         blocks = float(jnp.sum(bi.counts))
         flops = 4.0 * s.head_dim * s.block * s.block * blocks
         nbytes = qo_bytes + blocks * 2 * s.block * s.head_dim * item
@@ -136,7 +139,7 @@ def bench_attention(s: AttnShape, densities, dtype, on_gpu, interpret, warmup, i
         qr, kr, dens = random_clusters(keys[4], s, d)
         g = jax.jit(lambda q, k, v, qr, kr: pk.cluster_sparse_attention(q, k, v, kr, q_ranges=qr, block_q=s.block,
                                                                          block_k=s.block, interpret=interpret))
-        t, err = safe_time(lambda: g(q, k, v, qr, kr), warmup, iters)
+        t, err = safe_time(lambda g=g, qr=qr, kr=kr: g(q, k, v, qr, kr), warmup, iters)
         chunks = float(jnp.sum(jnp.ceil(kr[..., 1] / s.block) * (qr[..., 1:2] > 0)))
         flops = 4.0 * s.head_dim * s.block * s.block * chunks  # work done, masked tails included
         nbytes = qo_bytes + chunks * 2 * s.block * s.head_dim * item
@@ -160,7 +163,7 @@ def bench_kv(s: KVShape, bits_list, dtype, on_gpu, interpret, warmup, iters, hbm
     for bits in bits_list:
         cache = kv.quantize_kv(k, v, kv.KVQuantConfig(bits=bits, group_size=s.group), k_recent=kw, v_recent=vw)
         f = jax.jit(lambda q, c: pk.quantized_kv_attention(q, c, block_q=s.block_q, interpret=interpret))
-        t, err = safe_time(lambda: f(q, cache), warmup, iters)
+        t, err = safe_time(lambda f=f, cache=cache: f(q, cache), warmup, iters)
         nbytes = kv.bytes_held(cache) + 2 * q.size * q.dtype.itemsize  # every cache byte once, q in, out
         row = _row(f"quantized_kv_int{bits}", s.name, 1.0, 1.0, t, err, dense_flops, dense_flops, nbytes, base)
         row["hbm_fraction"] = row["gbytes_per_s"] / hbm_gbps if (t and on_gpu) else None
@@ -216,18 +219,149 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------ the gather path
+GATHER_DENSITIES = (1.0, 0.5, 0.25)
+GATHER_KINDS = ("blocks, equal rows", "blocks, varied rows", "clusters")
+
+
+def varied_blocks(key, b: int, h: int, nq: int, nk: int, density: float) -> pk.BlockIndices:
+    """Random kv blocks per query block, with per-row counts drawn uniformly from 1..2 density nk - 1 (mean
+    density x nk): the rows differ, as XAttention's do. Needs density <= (nk + 1) / (2 nk)."""
+    hi = round(2 * density * nk) - 1
+    if not 1 <= hi <= nk:
+        raise ValueError(f"density={density} cannot vary around its mean with {nk} blocks per row")
+    k1, k2 = jax.random.split(key)
+    counts = jax.random.randint(k1, (b, h, nq), 1, hi + 1).astype(jnp.int32)
+    idx = jnp.argsort(jax.random.uniform(k2, (b, h, nq, nk)), axis=-1).astype(jnp.int32)
+    return pk.BlockIndices(jnp.where(jnp.arange(nk) < counts[..., None], idx, -1), counts)
+
+
+def _selection(kind: str, keys, n: int, heads: int, head_dim: int, block: int, tile_q: int, cluster: int,
+               density: float):
+    """(gather args after q, k, v; selected fraction; fraction the gather path computes) of one selection."""
+    if kind == "clusters":
+        qr, kr, _ = random_clusters(keys[5], AttnShape("bench", 1, n, heads, head_dim, tile_q, cluster), density)
+        cnt = jnp.where(qr[..., 1] > 0, kr[..., 1].sum(-1), 0)
+        sel = float(jnp.sum(qr[..., 1] * cnt)) / (heads * n * n)
+        return (qr, kr), sel, float(gather_work(cnt, n, row_len=tile_q)) * tile_q / (heads * n * n)
+    nb = -(-n // block)
+    equal = kind.endswith("equal rows")
+    bi = (random_blocks if equal else varied_blocks)(keys[3 if equal else 4], 1, heads, nb, nb, density)
+    sel = float(jnp.sum(bi.counts)) / (heads * nb * nb)
+    done = float(gather_work(bi.counts, nb, row_len=block, unit=block)) / (heads * nb * nb)
+    return (bi.indices, bi.counts), sel, done
+
+
+def attention_bench(tokens=(512, 4096), *, heads: int = 4, head_dim: int = 32, block: int = 16, tile_q: int = 32,
+                    cluster: int = 16, densities=GATHER_DENSITIES, reps: int = 20, seed: int = 0, log=print) -> dict:
+    """One attention call: dense XLA attention vs the gather path (and the jnp reference up to 1024 tokens).
+
+    Per token count, on random fp32 q, k, v (batch 1), at each density, for three kinds of selection:
+    - "blocks, equal rows": XAttention-style, every query block selects round(density x nk) random blocks of
+      `block` tokens;
+    - "blocks, varied rows": the same mean density with per-row counts spread from 1 to 2 x the mean (not
+      at densities above about 0.5, where there is no room);
+    - "clusters": SVG2-style key clusters of about `cluster` tokens and query tiles of `tile_q`, each cluster
+      selected per tile with probability density.
+    Reports the median and minimum of `reps` interleaved runs (fewer above 1024 tokens), the selected fraction
+    of the dense work, the fraction the gather path computes (`gather_work`, padding included), and at <= 1024
+    tokens its relative L2 difference from the reference.
+    """
+    dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))
+    blocks = (jax.jit(lambda q, k, v, i, c: pk.block_sparse_attention_gather(
+                  q, k, v, pk.BlockIndices(i, c), block_q=block, block_k=block)),
+              jax.jit(lambda q, k, v, i, c: block_sparse_attention_reference(
+                  q, k, v, pk.BlockIndices(i, c), block_q=block, block_k=block)))
+    clusters = (jax.jit(lambda q, k, v, qr, kr: pk.cluster_sparse_attention_gather(
+                    q, k, v, kr, q_ranges=qr, block_q=tile_q, block_k=block)),
+                jax.jit(lambda q, k, v, qr, kr: cluster_sparse_attention_reference(
+                    q, k, v, kr, q_ranges=qr, block_q=tile_q, block_k=block)))
+    rows = []
+    for n in tokens:
+        keys = jax.random.split(jax.random.key(seed + n), 6)
+        q, k, v = (jax.random.normal(kk, (1, n, heads, head_dim), jnp.float32) for kk in keys[:3])
+        nb = -(-n // block)
+        with_ref = n <= 1024
+        fns, cases = {"dense": lambda q=q, k=k, v=v: dense(q, k, v)}, []
+        for d in densities:
+            for kind in GATHER_KINDS:
+                if kind == "blocks, varied rows" and round(2 * d * nb) - 1 > nb:
+                    continue                    # a mean this high leaves no room to vary (density 1)
+                sel_args, sel, done = _selection(kind, keys, n, heads, head_dim, block, tile_q, cluster, d)
+                gfn, rfn = clusters if kind == "clusters" else blocks
+                args = (q, k, v, *sel_args)
+                name = f"{kind} @ {d:g}"
+                fns[f"gather {name}"] = lambda f=gfn, a=args: f(*a)
+                err = None
+                if with_ref:
+                    fns[f"reference {name}"] = lambda f=rfn, a=args: f(*a)
+                    a, r = np.asarray(gfn(*args), np.float64), np.asarray(rfn(*args), np.float64)
+                    err = float(np.linalg.norm(a - r) / np.linalg.norm(r))
+                cases.append((name, kind, d, sel, done, err))
+        times = interleaved_times(fns, reps if with_ref else max(3, reps // 4), warmup=1)
+        med = {key: float(np.median(t)) for key, t in times.items()}
+        for name, kind, d, sel, done, err in cases:
+            g, dn = times[f"gather {name}"], times["dense"]
+            row = {"tokens": n, "kind": kind, "density": d, "selected": round(sel, 4), "gathered": round(done, 4),
+                   "dense_ms": round(1e3 * med["dense"], 3), "gather_ms": round(1e3 * med[f"gather {name}"], 3),
+                   "gather_min_ms": round(1e3 * min(g), 3), "dense_min_ms": round(1e3 * min(dn), 3),
+                   "gather_vs_dense": round(med[f"gather {name}"] / med["dense"], 3), "reference_ms": None,
+                   "rel_l2_vs_reference": err}
+            if with_ref:
+                row["reference_ms"] = round(1e3 * med[f"reference {name}"], 3)
+            rows.append(row)
+            log(f"  {n} tokens, {name}: selected {sel:.3f}, gathered {done:.3f}, gather {row['gather_ms']} ms vs "
+                f"dense {row['dense_ms']} ms ({row['gather_vs_dense']:.2f}x)")
+    return {"heads": heads, "head_dim": head_dim, "block": block, "tile_q": tile_q, "cluster": cluster,
+            "reps": reps, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
+
+
+def bench_markdown(bench: dict, level: str = "#") -> str:
+    """The gather-path benchmark (`attention_bench`) as markdown, under a heading of `level`."""
+    cols = {"tokens": "tokens", "selection": "kind", "density": lambda r: f"{r['density']:g}",
+            "selected": lambda r: f"{r['selected']:.3f}", "gathered": lambda r: f"{r['gathered']:.3f}",
+            "dense ms": lambda r: f"{r['dense_ms']:.2f}",
+            "gather ms (min)": lambda r: f"{r['gather_ms']:.2f} ({r['gather_min_ms']:.2f})",
+            "reference ms": lambda r: "-" if r["reference_ms"] is None else f"{r['reference_ms']:.2f}",
+            "gather / dense": lambda r: f"{r['gather_vs_dense']:.2f}"}
+    return "\n".join([
+        f"{level} Attention microbenchmark: one call, dense XLA vs the gather path", "",
+        f"Batch 1, {bench['heads']} heads x {bench['head_dim']}, fp32, {bench['machine']}, {bench['date']}. "
+        f"Blocks of {bench['block']} tokens; clusters of about {bench['cluster']} key tokens with query tiles "
+        f"of {bench['tile_q']}. Median of {bench['reps']} interleaved runs (a quarter of that, at least 3, above "
+        "1024 tokens). 'selected' is the fraction of the dense query-key work the selection keeps; "
+        "'gathered' is what the gather path computes, padding to the bucket widths included.", "",
+        markdown_table(bench["rows"], cols, align="rlrrrrrrr")]) + "\n"
+
+
+def write_bench(bench: dict, out_dir) -> None:
+    """`<out_dir>/attention_bench.json` and `.md`."""
+    write_results(out_dir, "attention_bench", bench, bench_markdown(bench))
+
+
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.bench_kernels", description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU, interpret mode, < 1 minute)")
-    p.add_argument("--out", default="results/kernels", help="output folder (default results/kernels)")
-    p.add_argument("--densities", default="1,0.5,0.25,0.1")
+    p.add_argument("--gather", action="store_true",
+                   help="benchmark the plain-jnp gather path instead of the kernels (CPU, about a minute)")
+    p.add_argument("--out", default=None, help="output folder (default results/kernels; results/sparse with --gather)")
+    p.add_argument("--densities", default="1,0.5,0.25,0.1", help="kernel densities (default %(default)s)")
+    p.add_argument("--tokens", default="512,4096", help="--gather: token counts (default %(default)s)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--bits", default="8,4")
     p.add_argument("--hbm-gbps", type=float, default=3350.0, help="HBM bandwidth for the KV bytes/s fraction "
                    "(default 3350 GB/s, H100 SXM)")
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None, help="timed runs (median reported; --gather: default 20)")
     a = p.parse_args(argv)
+    if a.gather:
+        tokens = tuple(int(x) for x in a.tokens.split(",") if x)
+        if not tokens or min(tokens) < 1 or (a.iters is not None and a.iters < 1):
+            p.error(f"--tokens must be positive counts and --iters >= 1; got {a.tokens!r}, {a.iters}")
+        bench = attention_bench(tokens, reps=a.iters or 20)
+        write_bench(bench, pathlib.Path(a.out or "results/sparse"))
+        print(bench_markdown(bench))
+        return bench
     on_gpu = jax.default_backend() == "gpu"
     interpret = not on_gpu
     if not a.smoke and not on_gpu:
@@ -249,14 +383,11 @@ def main(argv=None) -> dict:
             "hbm_gbps": a.hbm_gbps, "when": datetime.datetime.now().isoformat(timespec="seconds"),
             "wall_seconds": round(time.perf_counter() - t0, 1),
             "shapes": [dataclasses.asdict(s) for s in (SMOKE_ATTN + SMOKE_KV if a.smoke else GPU_ATTN + GPU_KV)]}
-    out = pathlib.Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = "kernels_smoke" if a.smoke else "kernels"
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = to_markdown(meta, rows)
-    (out / f"{stem}.md").write_text(md)
+    path = write_results(a.out or "results/kernels", stem, {"meta": meta, "rows": rows}, md)[0]
     print(md)
-    print(f"wrote {out / stem}.json and .md in {meta['wall_seconds']} s")
+    print(f"wrote {path.with_suffix('')}.json and .md in {meta['wall_seconds']} s")
     return {"meta": meta, "rows": rows}
 
 

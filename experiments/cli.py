@@ -6,11 +6,12 @@ import argparse
 import json
 import sys
 
+from experiments.demo import DEFAULT_OUT, DEMO_METHODS, MAX_PROMPTS, run_demo
+from models.wan import abstract_transformer, count_params, load_transformer
+from models.wan.config import PRESETS
+
 
 def _presets(args: argparse.Namespace) -> int:
-    from models.wan import abstract_transformer, count_params
-    from models.wan.config import PRESETS
-
     rows = []
     for name, make in PRESETS.items():
         cfg = make()
@@ -27,8 +28,6 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from models.wan import count_params, load_transformer
-
     model = load_transformer(args.checkpoint, dtype=args.dtype, cache_dir=args.out)
     cfg = model.cfg
     print(f"converted {args.checkpoint} -> {args.out}: dim {cfg.dim}, {cfg.num_layers} layers, "
@@ -37,18 +36,15 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from experiments.demo import run_demo
-
     run_demo(args.out, num_prompts=args.prompts, steps=args.steps, guidance=args.guidance, seed=args.seed,
              methods=args.methods)
     return 0
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    from experiments.demo import DEFAULT_OUT, DEMO_METHODS
-
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default %(default)s)")
-    p.add_argument("--prompts", type=int, default=4, help="number of held-out prompts (default %(default)s)")
+    p.add_argument("--prompts", type=int, default=4,
+                   help=f"number of held-out prompts, 1 to {MAX_PROMPTS} (default %(default)s)")
     p.add_argument("--steps", type=int, default=50, help="UniPC steps (default %(default)s)")
     p.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -88,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:    # bad arguments; unreadable or unwritable paths
         print(f"vidaccel {args.command}: error: {err}", file=sys.stderr)
         return 2
 

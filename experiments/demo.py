@@ -1,88 +1,79 @@
 """`vidaccel demo`: generate shapes-world videos with the tiny trained text-to-video model, dense and accelerated.
 
 For each method in `DEMO_METHODS` it samples the same prompts from the same noise (UniPC, CFG), writes a GIF
-grid (one column per prompt, upscaled), and reports wall time (a second, compiled run), speed-up over dense,
-model calls and block-stack passes (TeaCache skips passes, not calls), prompt adherence, and PSNR/SSIM
-against the dense run. Everything lands in one output folder (`report.json`, `report.md`, `<method>.gif`) and
-a summary table is printed.
+grid (one column per prompt, upscaled), and reports wall time (compiled runs, timed round-robin), speed-up
+over dense, model calls and block-stack passes (TeaCache skips passes, not calls), prompt adherence, and
+PSNR/SSIM against the dense run (`experiments.harness.video_fidelity`). The accelerated methods are the
+presets of `experiments.shapes_presets`, with the packaged calibrations; the report says which calibration
+each row used. Everything lands in one output folder (`report.json`, `report.md`, `<method>.gif`) and a
+summary table is printed.
 """
 
 from __future__ import annotations
 
-import json
-import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+import imageio.v3 as iio
 import numpy as np
+
+from experiments.harness import interleaved_times, machine, markdown_table, video_fidelity, write_results
+from experiments.shapes_presets import calibration_note, shapes_haste, shapes_teacache
+from models.shapes import VIDEO_SIZE, adherence, sample_prompts
+from models.shapes.pretrained import generate_t2v, load_shapes_model, training_info
+from models.wan.denoiser import wan_denoiser
+from vidaccel.checks import float_arg, int_arg
+from vidaccel.transforms import Denoiser, total_work
 
 DEFAULT_OUT = Path("out/demo")
 GIF_SCALE = 4
+GIF_MAX_WIDTH = 65_535                                   # a GIF's width is a 16-bit number
+MAX_PROMPTS = GIF_MAX_WIDTH // (VIDEO_SIZE * GIF_SCALE)  # one upscaled video per GIF column
+
+# name -> (builder(model, steps, log) -> Denoiser, the `calibration_note` method it uses or None)
+DEMO_METHODS: dict[str, tuple[Callable[..., Denoiser], str | None]] = {
+    "dense": (lambda model, steps, log: wan_denoiser(model), None),
+    "teacache": (lambda model, steps, log: shapes_teacache(model, steps=steps, log=log), "teacache"),
+    "haste_xattn": (lambda model, steps, log: shapes_haste(model, "xattention"), "haste-xattention"),
+}
 
 
-def _dense(model):
-    from models.wan.denoiser import wan_denoiser
-
-    return wan_denoiser(model)
-
-
-def _teacache(model):
-    from experiments.teacache import shapes_t2v_teacache
-
-    return shapes_t2v_teacache(model)
-
-
-def _teacache_note() -> str:
-    from experiments.teacache import T2V_CALIBRATION
-
-    if T2V_CALIBRATION.exists():
-        return f"TeaCache slow: coefficients and threshold from {T2V_CALIBRATION.name} (experiments.cache_table)"
-    return "TeaCache slow: calibrated on the spot on 2 prompts (no results/caching/teacache_t2v.json)"
-
-
-def _haste_xattn(model):
-    from experiments.haste import haste_shapes
-
-    return haste_shapes(model, "xattention")
-
-
-def _haste_note() -> str:
-    from experiments.haste import DEFAULT_EBC_PATHS
-
-    path = DEFAULT_EBC_PATHS["xattention"]
-    if path.exists():
-        return f"HASTE on XAttention: temporal mask reuse + per-head thresholds from {path.name} (EBC)"
-    return "HASTE on XAttention: temporal mask reuse, shared threshold (no EBC table in results/sparse/)"
-
-
-# name -> builder(model) -> Denoiser, and what each accelerated run uses (printed in the report).
-DEMO_METHODS: dict[str, Callable] = {"dense": _dense, "teacache": _teacache, "haste_xattn": _haste_xattn}
-DEMO_NOTES: dict[str, Callable[[], str]] = {"teacache": _teacache_note, "haste_xattn": _haste_note}
+def check_num_prompts(num_prompts) -> int:
+    """`num_prompts` if the demo can show that many videos side by side in one GIF, else ValueError."""
+    int_arg("num_prompts", num_prompts)
+    if not 1 <= num_prompts <= MAX_PROMPTS:
+        raise ValueError(f"num_prompts={num_prompts} is out of range; allowed: 1 to {MAX_PROMPTS} (each prompt is "
+                         f"a {VIDEO_SIZE * GIF_SCALE}-pixel column of the GIF, and a GIF is at most "
+                         f"{GIF_MAX_WIDTH:,} pixels wide)")
+    return num_prompts
 
 
 def write_gif(videos: np.ndarray, path: Path, scale: int = GIF_SCALE, fps: int = 8) -> None:
     """Videos (B, T, H, W, 3) uint8 -> one looping GIF, the B videos side by side, upscaled `scale`x (nearest)."""
-    from PIL import Image
-
     b, t, h, w, _ = videos.shape
+    if b * w * scale > GIF_MAX_WIDTH:
+        raise ValueError(f"{b} videos of width {w} upscaled {scale}x are {b * w * scale:,} pixels wide; a GIF holds "
+                         f"at most {GIF_MAX_WIDTH:,}")
     grid = videos.transpose(1, 2, 0, 3, 4).reshape(t, h, b * w, 3)
     grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
-    frames = [Image.fromarray(f) for f in grid]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+    iio.imwrite(path, grid, extension=".gif", duration=int(1000 / fps), loop=0)
 
 
 def run_demo(out_dir: Path = DEFAULT_OUT, *, num_prompts: int = 4, steps: int = 50, guidance: float = 5.0,
              seed: int = 0, methods: list[str] | None = None, log=print) -> dict:
-    """Run the demo and write its files; returns the report dict."""
-    from models.shapes import adherence, sample_prompts
-    from models.shapes.pretrained import generate_t2v, load_shapes_model, training_info
-    from vidaccel.checks import int_arg
-    from vidaccel.metrics import psnr, ssim
-    from vidaccel.transforms import total_work
+    """Run the demo and write its files; returns the report dict.
 
-    int_arg("num_prompts", num_prompts, 1)
-    int_arg("steps", steps, 1)
+    Args:
+      out_dir: output folder (created).
+      num_prompts: held-out prompts, 1 to `MAX_PROMPTS` (one GIF column each).
+      steps, guidance, seed: UniPC steps, CFG scale, noise seed.
+      methods: names from `DEMO_METHODS` (default all); dense is always run, as the reference.
+    """
+    check_num_prompts(num_prompts)
+    int_arg("steps", steps, minimum=1)
+    float_arg("guidance", guidance)
+    int_arg("seed", seed, minimum=0)
     methods = list(methods or DEMO_METHODS)
     unknown = [m for m in methods if m not in DEMO_METHODS]
     if unknown:
@@ -93,50 +84,55 @@ def run_demo(out_dir: Path = DEFAULT_OUT, *, num_prompts: int = 4, steps: int = 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_shapes_model("t2v")
     prompts = sample_prompts(num_prompts, seed, "heldout")
-    rows, dense_videos = [], None
+
+    def generate(den, progress=False):
+        return generate_t2v(den, prompts, seed=seed, steps=steps, guidance=guidance, progress=progress)
+
+    dens = {name: DEMO_METHODS[name][0](model, steps, log) for name in methods}   # calibrates first if needed
+    rows = []
     for name in methods:
-        den = DEMO_METHODS[name](model)
+        note = DEMO_METHODS[name][1]
         log(f"[{name}] compiling and sampling {num_prompts} prompts, UniPC {steps} steps, CFG {guidance} ...")
-        first = generate_t2v(den, prompts, seed=seed, steps=steps, guidance=guidance)
-        gen = generate_t2v(den, prompts, seed=seed, steps=steps, guidance=guidance, progress=f"{name}")
+        gen = generate(dens[name], progress=name)
+        write_gif(gen.videos, out_dir / f"{name}.gif")
         adh = adherence(gen.videos, prompts)
         work = total_work(gen.state)
-        write_gif(gen.videos, out_dir / f"{name}.gif")
-        row = {"method": name, "seconds": round(gen.seconds, 3), "first_call_seconds": round(first.seconds, 3),
-               "model_calls": work["calls"], "block_passes": work["block_passes"], "adherence": round(adh["score"], 4),
+        row = {"method": name, "first_call_seconds": round(gen.seconds, 3), "model_calls": work["calls"],
+               "block_passes": work["block_passes"], "adherence": round(adh["score"], 4),
                "adherence_per_prompt": [round(r["score"], 4) for r in adh["per_video"]]}
         if name == "dense":
-            dense_videos, dense_seconds = gen.videos, gen.seconds
+            dense_videos = gen.videos
         else:
-            ref = dense_videos.astype(np.float32) / 255.0
-            x = gen.videos.astype(np.float32) / 255.0
-            row.update(speedup=round(dense_seconds / gen.seconds, 3),
-                       psnr_vs_dense=round(float(np.mean(psnr(x, ref))), 2),      # psnr/ssim are per video
-                       ssim_vs_dense=round(float(np.mean(ssim(x, ref))), 4))
-        if name in DEMO_NOTES:
-            row["setup"] = DEMO_NOTES[name]()
+            fid = video_fidelity(gen.videos, dense_videos)
+            row.update(psnr_vs_dense=round(fid["psnr"], 2), ssim_vs_dense=round(fid["ssim"], 4))
+        if note is not None:
+            row["setup"] = calibration_note(note, steps=steps)
         rows.append(row)
+    log("timing a compiled run of every method (round-robin) ...")
+    times = interleaved_times({name: (lambda den=den: generate(den).videos) for name, den in dens.items()}, 1)
+    for row in rows:
+        row["seconds"] = round(times[row["method"]][0], 3)
+        if row["method"] != "dense":
+            row["speedup"] = round(times["dense"][0] / times[row["method"]][0], 3)
     report = {"prompts": prompts, "seed": seed, "steps": steps, "guidance": guidance, "solver": "unipc",
-              "model": training_info("t2v"), "machine": f"{platform.machine()}, {platform.python_version()}",
-              "date": time.strftime("%Y-%m-%d %H:%M"), "methods": rows}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+              "model": training_info("t2v"), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
+              "methods": rows}
     table = format_table(rows)
     md = ["# vidaccel demo", "", "Prompts (GIF columns, left to right):", ""]
     md += [f"{i + 1}. {p}" for i, p in enumerate(prompts)]
-    md += ["", f"UniPC {steps} steps, CFG {guidance}, seed {seed}; seconds = a compiled second run.", "", table, ""]
-    md += [f"- {r['method']}: {r['setup']}" for r in rows if "setup" in r] + [""]
-    (out_dir / "report.md").write_text("\n".join(md))
+    md += ["", f"UniPC {steps} steps, CFG {guidance}, seed {seed}; seconds = a compiled run, methods timed "
+           "round-robin.", "", table, ""]
+    md += [f"- {r['method']}: {r['setup']}" for r in rows if "setup" in r]
+    write_results(out_dir, "report", report, "\n".join(md))
     log(table)
     log(f"wrote {out_dir}/report.md, report.json and {', '.join(f'{m}.gif' for m in methods)}")
     return report
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| method | seconds | speed-up | model calls | block-stack passes | adherence | PSNR vs dense "
-            "| SSIM vs dense |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['seconds']:.2f} | {r.get('speedup', 1.0):.2f}x | {r['model_calls']} | "
-                     f"{r['block_passes']} | {r['adherence']:.3f} | {r.get('psnr_vs_dense', '-')} | "
-                     f"{r.get('ssim_vs_dense', '-')} |")
-    return "\n".join(lines)
+    """The demo's summary table (markdown)."""
+    return markdown_table(rows, {
+        "method": "method", "seconds": lambda r: f"{r['seconds']:.2f}",
+        "speed-up": lambda r: f"{r.get('speedup', 1.0):.2f}x", "model calls": "model_calls",
+        "block-stack passes": "block_passes", "adherence": lambda r: f"{r['adherence']:.3f}",
+        "PSNR vs dense": "psnr_vs_dense", "SSIM vs dense": "ssim_vs_dense"})

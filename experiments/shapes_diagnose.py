@@ -1,6 +1,6 @@
 """Where the t2v shapes model fails: denoising noised ground truth by noise level, and sampler settings.
 
-    python -m experiments.shapes_diagnose            # 16 held-out prompts -> results/shapes/t2v_diagnosis.json
+    python -m experiments.shapes_diagnose            # 16 held-out prompts -> results/shapes/t2v_diagnosis.json, .md
 
 1. *Denoising.* Ground-truth renders of held-out prompts are noised to level s (x_s = (1 - s) x0 + s eps, the
    training convention) and the model's one-call estimate x0 = x_s - s v (conditional, no CFG) is scored
@@ -13,16 +13,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.harness import markdown_table, write_results
 from models.shapes import CRITERIA, adherence, decode_latents, encode_prompts, encode_video, sample_prompts
 from models.shapes.pretrained import generate_t2v, load_shapes_model, training_info
 from models.shapes.render import render_batch
+from vidaccel.checks import int_arg
 from vidaccel.solvers import euler, unipc
 
 NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.85, 0.95, 1.0)
@@ -65,9 +66,14 @@ def sampler_sweep(model, prompts: list[str], seed: int, settings=SAMPLERS) -> li
 
 def _table(rows: list[dict], keys: tuple[str, ...]) -> str:
     cols = (*keys, "score", *CRITERIA)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(rows, {c: c for c in cols}, align="r" * len(cols))
+
+
+def report_markdown(res: dict) -> str:
+    """Both diagnoses as markdown tables."""
+    return "\n".join(["one-call x0 estimate from noised ground truth (conditional, no CFG):",
+                      _table(res["denoise"], ("noise_level", "x0_mse")), "", "samples from pure noise:",
+                      _table(res["samplers"], ("solver", "steps", "shift", "guidance"))])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,19 +83,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", type=Path, default=None, help="an exported t2v folder (default: committed)")
     p.add_argument("--out", type=Path, default=Path("results/shapes/t2v_diagnosis.json"))
     a = p.parse_args(argv)
-    if a.n < 1:
-        p.error(f"--n={a.n} must be >= 1")
+    try:
+        int_arg("--n", a.n, minimum=1)
+    except ValueError as err:
+        p.error(str(err))
     model = load_shapes_model("t2v", path=a.checkpoint)
     prompts = sample_prompts(a.n, 0, "heldout")
     res = {"n": a.n, "seed": a.seed, "training": training_info("t2v", a.checkpoint),
            "denoise": denoise_by_level(model, prompts, a.seed), "samplers": sampler_sweep(model, prompts, a.seed)}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(res, indent=1))
-    print("one-call x0 estimate from noised ground truth (conditional, no CFG):")
-    print(_table(res["denoise"], ("noise_level", "x0_mse")))
-    print("\nsamples from pure noise:")
-    print(_table(res["samplers"], ("solver", "steps", "shift", "guidance")))
-    print(f"wrote {a.out}")
+    md = report_markdown(res)
+    paths = write_results(a.out.parent, a.out.stem, res, md)
+    print(md)
+    print(f"wrote {paths[0]} and {paths[1].name}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
     python -m experiments.shapes_eval ar --length 4       # AR rollout to 4x the training length
 
 Writes `results/shapes/<model>_adherence[_x<length>].json` (per-criterion means, per-prompt scores, the
-model's training record, timings) and prints a summary. Fixed seeds: prompts `sample_prompts(n, 0,
-"heldout")`, noise `latent_noise(n, seed)`.
+model's training record, timings) and a `.md` beside it with the per-criterion table, and prints a summary.
+Fixed seeds: prompts `sample_prompts(n, 0, "heldout")`, noise `latent_noise(n, seed)`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.harness import markdown_table, write_results
+from models.ar.rollout import RolloutConfig, rollout
 from models.shapes import CRITERIA, adherence, decode_latents, encode_prompts, sample_prompts
 from models.shapes.latents import LATENT_FRAMES
 from models.shapes.pretrained import generate_t2v, latent_noise, load_shapes_model, training_info
+from vidaccel.checks import int_arg
+from vidaccel.solvers import unipc
 
 RESULTS = Path("results/shapes")
 
@@ -41,9 +45,6 @@ def evaluate_t2v(n: int, steps: int, guidance: float, seed: int, batch: int, che
 
 def evaluate_ar(n: int, steps: int, guidance: float, seed: int, batch: int, length: int, window: int,
                 sink: int, checkpoint=None) -> dict:
-    from models.ar.rollout import RolloutConfig, rollout
-    from vidaccel.solvers import unipc
-
     model = load_shapes_model("ar", path=checkpoint)
     prompts = sample_prompts(n, 0, "heldout")
     frames = LATENT_FRAMES * length
@@ -75,11 +76,24 @@ def segment_adherence(videos: np.ndarray, prompts, seg: int) -> list[float]:
             for s in range(0, videos.shape[1], seg)]
 
 
+def summary_markdown(res: dict) -> str:
+    """The per-criterion adherence of an evaluation (and per segment for AR rollouts) as markdown."""
+    lines = [f"{res['model']} shapes model, {res['n']} held-out prompts, {res['setup']}", "",
+             markdown_table([{"criterion": "overall", "score": res["score"]},
+                             *({"criterion": c, "score": s} for c, s in res["criteria"].items())],
+                            {"criterion": "criterion", "mean adherence": "score"})]
+    if "per_segment" in res:
+        lines += ["", f"Per training-length segment: {res['per_segment']} (mean {res['segment_mean']}, "
+                      f"min {res['segment_min']})"]
+    return "\n".join(lines)
+
+
 def _summary(name, prompts, videos, seconds, setup, checkpoint=None) -> dict:
     adh = adherence(videos, prompts)
     return {"model": name, "n": len(prompts), "setup": setup, "score": round(adh["score"], 4),
             "criteria": {c: round(adh[c], 4) for c in CRITERIA},
-            "per_prompt": [{"prompt": p, "score": round(r["score"], 4)} for p, r in zip(prompts, adh["per_video"])],
+            "per_prompt": [{"prompt": p, "score": round(r["score"], 4)}
+                           for p, r in zip(prompts, adh["per_video"], strict=True)],
             "sampling_seconds": round(seconds, 1), "training": training_info(name, checkpoint)}
 
 
@@ -97,17 +111,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", type=Path, default=None, help="an exported model folder (default: committed)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
-    for flag, v in (("--n", a.n), ("--steps", a.steps), ("--batch", a.batch), ("--length", a.length)):
-        if v < 1:
-            p.error(f"{flag}={v} must be >= 1")
+    try:
+        for flag, v in (("--n", a.n), ("--steps", a.steps), ("--batch", a.batch), ("--length", a.length)):
+            int_arg(flag, v, minimum=1)
+    except ValueError as err:
+        p.error(str(err))
     if a.model == "t2v":
         res = evaluate_t2v(a.n, a.steps, a.guidance, a.seed, a.batch, a.checkpoint)
         out = a.out or RESULTS / "t2v_adherence.json"
     else:
         res = evaluate_ar(a.n, a.steps, a.guidance, a.seed, a.batch, a.length, a.window, a.sink, a.checkpoint)
         out = a.out or RESULTS / f"ar_adherence_x{a.length}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
+    out = write_results(out.parent, out.stem, res, summary_markdown(res))[0]
     print(json.dumps({k: res[k] for k in ("model", "n", "score", "criteria", "setup", "sampling_seconds")}, indent=1))
     if "per_segment" in res:
         print("adherence per training-length segment:", res["per_segment"], "mean", res["segment_mean"],

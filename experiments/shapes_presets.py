@@ -121,7 +121,9 @@ def calibrate_shapes_teacache(model, *, num_prompts: int = 4, steps: int = 50, g
     `steps` and `guidance` the thresholds hold for.
     """
     int_arg("num_prompts", num_prompts, minimum=1)
-    int_arg("steps", steps, minimum=2)
+    if int_arg("steps", steps, minimum=1) < 4:
+        raise ValueError(f"steps={steps}: TeaCache calibration needs at least 4 sampler steps (its degree-4 "
+                         "polynomial is fitted to the (steps - 1) changes of each CFG branch)")
     log(f"TeaCache: calibrating on {num_prompts} training prompts at {steps} steps, guidance {guidance}")
     prompts = sample_prompts(num_prompts, 1, "train")
     ctx = jnp.asarray(encode_prompts(prompts))

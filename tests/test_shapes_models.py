@@ -139,4 +139,4 @@ def test_diagnosis_denoises_noised_ground_truth():
 def test_diagnosis_cli_refuses_no_prompts(capsys):
     with pytest.raises(SystemExit):
         diagnose_main(["--n", "0"])
-    assert "--n=0 must be >= 1" in capsys.readouterr().err
+    assert "--n must be >= 1, got 0" in capsys.readouterr().err

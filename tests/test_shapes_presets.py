@@ -83,6 +83,8 @@ def test_teacache_calibration_is_for_its_step_count(monkeypatch):
     logs = []
     cal = calibrate_shapes_teacache(model, num_prompts=1, steps=8, log=logs.append)
     assert cal["steps"] == 8 and set(cal["thresholds"]) == {"slow", "fast"} and "8 steps" in logs[0]
+    with pytest.raises(ValueError, match="steps=3: TeaCache calibration needs at least 4 sampler steps"):
+        calibrate_shapes_teacache(model, num_prompts=1, steps=3)
     assert all(np.isfinite(cal["coefficients"])) and 0 < cal["replayed_fractions"]["slow"] <= 1
     with pytest.raises(ValueError, match="made for 8 steps, not steps=10"):
         shapes_teacache(model, "slow", steps=10, calibration=cal)
