@@ -166,7 +166,12 @@ def _ssim_per_frame(x, ref, data_range: float, win_size: int, sigma: float, k1: 
 def ssim(x, ref, data_range: float = 1.0, *, win_size: int = 11, sigma: float = 1.5, k1: float = 0.01,
          k2: float = 0.03) -> jax.Array:
     """SSIM per video (...,): the mean of `ssim_per_frame` over frames."""
-    return ssim_per_frame(x, ref, data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2).mean(-1)
+    return _ssim(x, ref, *_ssim_args(data_range, win_size, sigma, k1, k2))
+
+
+@partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _ssim(x, ref, data_range: float, win_size: int, sigma: float, k1: float, k2: float) -> jax.Array:
+    return _ssim_per_frame(x, ref, data_range, win_size, sigma, k1, k2).mean(-1)    # one program, as before
 
 
 @jax.jit
