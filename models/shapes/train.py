@@ -49,6 +49,7 @@ from models.shapes.render import render_batch
 from models.wan.config import WanConfig
 from models.wan.loader import restore_converted, save_converted
 from models.wan.transformer import init_transformer
+from vidaccel.checks import bool_arg, choice_arg, float_arg, int_arg
 
 MODEL_NAMES = ("t2v", "ar")
 CHECKPOINT_ROOT = Path(__file__).parent / "checkpoints"
@@ -66,6 +67,9 @@ def shapes_config(name: str) -> WanConfig:
                      ffn_dim=512, num_layers=4, num_frame_per_block=2 if name == "ar" else 1)
 
 
+TEXT_INITS = ("wan", "xavier")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     name: str
@@ -81,17 +85,47 @@ class TrainConfig:
     latent_frames: int = LATENT_FRAMES
     init_from: str | None = None  # an exported model folder whose weights start the run
     cooldown: int = 0             # the last `cooldown` steps decay the lr linearly to 0 (0: constant to the end)
+    # diagnosis switches (issue 16); the defaults are how the committed models were trained
+    shift: float = TRAIN_SHIFT    # noise levels s = shift u / (1 + (shift - 1) u); larger: more high-noise steps
+    prompt_pool: int = 0          # 0: any train prompt; N: only the N of `sample_prompts(N, seed, "train")`
+    decay_all: bool = True        # False: no weight decay on norms, biases, modulation tables and embeddings
+    text_init: str = "wan"        # "wan": N(0, 0.02) text projection; "xavier": width-appropriate init
+    heads: int = 4                # attention heads of the dim-128 model (head dim 128 / heads)
+    rope_theta: float = 10000.0   # RoPE base of the model (Wan's value)
 
     def __post_init__(self):
         if self.cooldown and not 0 < self.cooldown <= self.steps - self.warmup:
             raise ValueError(f"cooldown={self.cooldown} is invalid; allowed: 0 (none) or 1 to steps minus the "
                              f"{self.warmup} warm-up steps ({self.steps - self.warmup})")
+        float_arg("TrainConfig.shift", self.shift, low=0.0, low_open=True)
+        int_arg("TrainConfig.prompt_pool", self.prompt_pool, minimum=0)
+        choice_arg("TrainConfig.text_init", self.text_init, TEXT_INITS)
+        choice_arg("TrainConfig.heads", self.heads, (1, 2, 4, 8))
+        bool_arg("TrainConfig.decay_all", self.decay_all)
+        float_arg("TrainConfig.rope_theta", self.rope_theta, low=1.0, low_open=True)
+
+
+def model_config(tc: TrainConfig) -> WanConfig:
+    """The model a run trains: `shapes_config(tc.name)` with the run's heads and RoPE base."""
+    base = shapes_config(tc.name)
+    return base.replace(num_attention_heads=tc.heads, attention_head_dim=base.dim // tc.heads,
+                        rope_theta=float(tc.rope_theta))
+
+
+def prompt_pool(tc: TrainConfig) -> list[str] | None:
+    """The fixed training prompts of a `prompt_pool` run (None: the whole train split)."""
+    return sample_prompts(tc.prompt_pool, tc.seed, "train") if tc.prompt_pool else None
 
 
 def make_batch(tc: TrainConfig, step: int) -> dict[str, np.ndarray]:
     """Batch `step` of a run: clean latents, text context (some dropped), noise, noise levels; pure in (seed, step)."""
     rng = np.random.default_rng([tc.seed, step])
-    prompts = sample_prompts(tc.batch, int(rng.integers(2**31)), "train", unique=False)
+    prompt_seed = int(rng.integers(2**31))
+    pool = prompt_pool(tc)
+    if pool is None:
+        prompts = sample_prompts(tc.batch, prompt_seed, "train", unique=False)
+    else:
+        prompts = [pool[i] for i in np.random.default_rng(prompt_seed).integers(len(pool), size=tc.batch)]
     video = render_batch(prompts, num_frames=2 * tc.latent_frames, seeds=rng.integers(2**31, size=tc.batch))
     x0 = encode_video(video)
     ctx = encode_prompts(prompts)
@@ -100,7 +134,7 @@ def make_batch(tc: TrainConfig, step: int) -> dict[str, np.ndarray]:
     fpb = shapes_config(tc.name).num_frame_per_block
     chunks = tc.latent_frames // fpb
     u = rng.random((tc.batch, chunks if tc.name == "ar" else 1))
-    sigma = (TRAIN_SHIFT * u / (1 + (TRAIN_SHIFT - 1) * u)).astype(np.float32)
+    sigma = (tc.shift * u / (1 + (tc.shift - 1) * u)).astype(np.float32)
     if tc.name == "ar":
         clean = rng.integers(1, chunks, size=tc.batch) * (rng.random(tc.batch) < CLEAN_PREFIX_PROB)
         sigma[np.arange(chunks)[None, :] < clean[:, None]] = 0.0
@@ -134,14 +168,42 @@ def lr_schedule(tc: TrainConfig):
     return optax.join_schedules(parts, bounds)
 
 
-def _optimizer(tc: TrainConfig):
+_EMBEDDINGS = ("patch_embedding", "text_embedder", "time_embedder")
+
+
+def decay_mask(params):
+    """True for the weights AdamW decays when `decay_all` is False: the kernels of attention, FFN and head.
+
+    Norm gains, biases, modulation tables and the patch/text/time embeddings are left undecayed.
+    """
+    def keep(path, _):
+        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        return "kernel" in keys and not any(k in _EMBEDDINGS for k in keys)
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def optimizer(tc: TrainConfig):
+    """AdamW with global-norm clipping on the run's lr schedule (decay masked by `decay_mask` unless `decay_all`)."""
     sched = lr_schedule(tc)
+    mask = None if tc.decay_all else decay_mask
     return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
-                       optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=tc.weight_decay))
+                       optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=tc.weight_decay, mask=mask))
+
+
+def init_model(tc: TrainConfig):
+    """The run's freshly initialised model (`text_init="xavier"` re-draws the text projection)."""
+    model = init_transformer(model_config(tc), seed=tc.seed)
+    if tc.text_init == "xavier":
+        rngs = nnx.Rngs(tc.seed + 1)
+        init = nnx.initializers.xavier_uniform()
+        for lin in (model.text_embedder.linear_1, model.text_embedder.linear_2):
+            lin.kernel[...] = init(rngs.params(), lin.kernel.shape, lin.kernel.dtype)
+    return model
 
 
 def make_train_step(graphdef, tc: TrainConfig):
-    opt = _optimizer(tc)
+    opt = optimizer(tc)
 
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, params)
@@ -168,8 +230,8 @@ def make_train_step(graphdef, tc: TrainConfig):
 
 
 def train(tc: TrainConfig, run_dir: Path, export_dir: Path, log_every: int = 25) -> dict:
-    cfg = shapes_config(tc.name)
-    model = init_transformer(cfg, seed=tc.seed)
+    cfg = model_config(tc)
+    model = init_model(tc)
     if tc.init_from is not None:
         _load_weights_into(model, Path(tc.init_from))
     graphdef, params = nnx.split(model, nnx.Param)

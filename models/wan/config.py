@@ -39,6 +39,7 @@ class WanConfig:
     qk_norm: str | None = "rms_norm_across_heads"
     eps: float = 1e-6
     rope_max_seq_len: int = 1024
+    rope_theta: float = 10000.0   # RoPE base (Wan's value; a tiny grid may want a smaller one)
     num_frame_per_block: int = 1
     param_dtype: str = "float32"
     dtype: str = "float32"
@@ -58,6 +59,8 @@ class WanConfig:
         _check(self.qk_norm in ("rms_norm_across_heads", None), "qk_norm", self.qk_norm,
                "'rms_norm_across_heads' or None")
         _check(self.eps > 0, "eps", self.eps, "a positive float")
+        _check(isinstance(self.rope_theta, int | float) and not isinstance(self.rope_theta, bool)
+               and self.rope_theta > 1, "rope_theta", self.rope_theta, "a float > 1")
         for name in ("param_dtype", "dtype"):
             _check(getattr(self, name) in _DTYPES, name, getattr(self, name), f"one of {sorted(_DTYPES)}")
 

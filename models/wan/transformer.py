@@ -276,7 +276,7 @@ class WanTransformer(nnx.Module):
         """
         cfg = self.cfg
         attention = attention or dense_attention
-        rope = rope_cos_sin(emb.positions, cfg.attention_head_dim, cfg.rope_max_seq_len)
+        rope = rope_cos_sin(emb.positions, cfg.attention_head_dim, cfg.rope_max_seq_len, float(cfg.rope_theta))
         q_frames = emb.positions[..., 0]
         info0 = AttentionInfo(q_frames=q_frames, kv_frames=q_frames if kv_frames is None else kv_frames,
                               layer=jnp.zeros((), jnp.int32), frames_per_block=cfg.num_frame_per_block)
