@@ -30,7 +30,7 @@ import numpy as np
 from vidaccel.metrics import fidelity
 from vidaccel.sampling import denoise_loop, init_branches
 from vidaccel.sparse_attention import SparseState, with_thresholds
-from vidaccel.transforms import DenoiseSpec
+from vidaccel.transforms import DenoiseSpec, replace_state
 
 PSNR_CAP = 100.0   # dB: an identical video (PSNR +inf) counts as 100 dB in means
 
@@ -77,15 +77,6 @@ class Run:
     job: int
 
 
-def _set_thresholds(state, table):
-    """`state` with the per-(layer, head) thresholds of its `SparseState` (under any wrappers) replaced."""
-    if isinstance(state, SparseState):
-        return with_thresholds(state, table)
-    if not hasattr(state, "inner"):
-        raise ValueError("thresholds were given but the denoiser has no sparse attention (no SparseState)")
-    return state.replace(inner=_set_thresholds(state.inner, table))
-
-
 def prompt_sampler(den, solver, guidance: float):
     """A traceable `fn(params, noise, context, thresholds)` that samples each prompt on its own (`lax.map`,
     batch 1 per call, CFG against a zero context): noise (n, 1, F, H, W, C), context (n, 1, L, D).
@@ -98,7 +89,9 @@ def prompt_sampler(den, solver, guidance: float):
                            jax.ShapeDtypeStruct(context.shape, context.dtype), solver.num_steps)
         state = init_branches(den, spec, True)
         if thresholds is not None:
-            state = state.map(lambda s: _set_thresholds(s, thresholds))
+            state = state.map(lambda s: replace_state(s, SparseState, lambda sp: with_thresholds(sp, thresholds),
+                                                      "; thresholds were given but the denoiser has no sparse "
+                                                      "attention"))
         return denoise_loop(den, solver, True, params, noise, context, jnp.zeros_like(context),
                             jnp.float32(guidance), state, jnp.int32(0))
 

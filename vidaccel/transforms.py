@@ -96,6 +96,16 @@ def find_state(state, cls: type, hint: str = ""):
     return state
 
 
+def replace_state(state, cls: type, fn: Callable[[Any], Any], hint: str = ""):
+    """`state` with its `cls` instance (found as `find_state` does) replaced by `fn(instance)`, the method
+    wrappers around it rebuilt."""
+    if isinstance(state, cls):
+        return fn(state)
+    if not hasattr(state, "inner"):
+        raise ValueError(f"no {cls.__name__} inside {type(state).__name__}{hint}")
+    return state.replace(inner=replace_state(state.inner, cls, fn, hint))
+
+
 def work_of(state) -> Work:
     """The work counters of a denoiser state (following `inner` through method wrappers)."""
     while not hasattr(state, "work") and hasattr(state, "inner"):
