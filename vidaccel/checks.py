@@ -16,6 +16,22 @@ import jax
 import numpy as np
 
 
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (`True` is an int to Python, never a size or count here)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """A finite real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_field(config: str, cond: bool, field: str, value: Any, allowed: str) -> None:
+    """The config-validation error every frozen config raises: `Config.field=value is invalid: allowed`."""
+    if not cond:
+        raise ValueError(f"{config}.{field}={value!r} is invalid: {allowed}")
+
+
 def int_arg(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     """`value` as an int in [minimum, maximum] (bools and non-integers are refused with TypeError)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
 
 import jax.numpy as jnp
+
+from vidaccel.checks import check_field
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def _check(cond: bool, field: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ValueError(f"WanConfig.{field}={value!r} is invalid: {allowed}")
+_check = functools.partial(check_field, "WanConfig")
 
 
 @dataclasses.dataclass(frozen=True)
