@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from experiments import generate as generate_command
 from experiments.demo import DEFAULT_OUT, DEMO_METHODS, MAX_PROMPTS, run_demo
 from models.wan import abstract_transformer, count_params, load_transformer
 from models.wan.config import PRESETS
@@ -53,6 +54,9 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS = {
+    "generate": (generate_command.main, "generate a video from a prompt on a diffusers Wan pipeline folder (Wan2.1 "
+                                        "T2V, SkyReels-V2 DF), with any method; writes MP4 or GIF",
+                 generate_command.add_arguments),
     "demo": (_demo, "generate shapes-world videos with the tiny text-to-video model, dense and accelerated; "
                     "writes GIFs and a report", _demo_args),
     "presets": (_presets, "list the Wan config presets and their parameter counts",
