@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vidaccel.attention import AttentionInfo
+from vidaccel.attention import AttentionInfo, block_causal_mask
 from vidaccel.checks import int_arg
 
 
@@ -25,6 +25,22 @@ def _pad_to(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, extra)
     return jnp.pad(x, pad, constant_values=value)
+
+
+def softmax_merge(stats, logits: jax.Array, v: jax.Array):
+    """Fold one tile of keys into the running online-softmax statistics (the flash-attention recurrence).
+
+    stats: (running max (B, H, q), running sum (B, H, q), output accumulator (B, H, q, Dv)), fp32, starting
+    at (-inf, 0, 0). logits: (B, H, q, k) fp32 with masked entries at -inf; v: (B, k, H, Dv). A row whose
+    every key so far is masked keeps max -inf and sum 0. Shared by `blockwise_attention` and ring attention
+    (`vidaccel.parallel`), which folds the K/V blocks arriving from the other devices the same way.
+    """
+    m, s, acc = stats
+    m_new = jnp.maximum(m, logits.max(-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(logits - m_safe[..., None])
+    corr = jnp.exp(m - m_safe)  # 0 where the old max is -inf
+    return m_new, s * corr + p.sum(-1), acc * corr[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, v.astype(jnp.float32))
 
 
 def blockwise_attention(q, k, v, info: AttentionInfo, layer_state=None, *, q_block: int = 1024,
@@ -58,21 +74,13 @@ def blockwise_attention(q, k, v, info: AttentionInfo, layer_state=None, *, q_blo
         qb, qfb = args  # (B, qb, H, D), (B, qb)
         qb32 = qb.astype(jnp.float32) * scale
 
-        def step(carry, tile):
-            m, s, acc = carry
+        def step(stats, tile):
             kb, vb, kfb, ok = tile
             logits = jnp.einsum("bqhd,bkhd->bhqk", qb32, kb.astype(jnp.float32))
             allowed = ok[:, None, None, :]
             if n > 1:
-                allowed = allowed & ((kfb // n)[:, None, None, :] <= (qfb // n)[:, None, :, None])
-            logits = jnp.where(allowed, logits, -jnp.inf)
-            m_new = jnp.maximum(m, logits.max(-1))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = jnp.exp(logits - m_safe[..., None])
-            corr = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
-            s = s * corr + p.sum(-1)
-            acc = acc * corr[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, vb.astype(jnp.float32))
-            return (m_new, s, acc), None
+                allowed = allowed & block_causal_mask(qfb, kfb, n)
+            return softmax_merge(stats, jnp.where(allowed, logits, -jnp.inf), vb), None
 
         init = (jnp.full((b, h, q_block), -jnp.inf, jnp.float32), jnp.zeros((b, h, q_block), jnp.float32),
                 jnp.zeros((b, h, q_block, d), jnp.float32))
