@@ -39,6 +39,7 @@ Paper vs code, and which we follow (config field):
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,7 @@ from flax import struct
 from experiments.teacache import WAN21_COEFFICIENTS
 from models.ar.kv_cache import scatter_tokens
 from vidaccel.checks import choice_arg, float_arg, floats_arg, int_arg
-from vidaccel.residual_cache import INDICATORS, check_change_rule, relative_change, rescale
+from vidaccel.residual_cache import check_change_rule, indicator_value, relative_change, rescale
 from vidaccel.transforms import Denoiser, DenoiseSpec, abstract_embedding, wrap_denoiser
 
 MOTIONS = ("hidden", "latent")
@@ -166,7 +167,7 @@ def motioncache(den: Denoiser, cfg: MotionCacheConfig) -> Denoiser:
         raise ValueError(f"motioncache needs an AR chunk denoiser with a partial forward "
                          f"(models.ar.rollout.chunk_denoiser); {den.name!r} has none")
     mcfg = den.config
-    indicator = INDICATORS[cfg.indicator]
+    indicator = partial(indicator_value, cfg.indicator)     # per-frame t (diffusion forcing) sized as (B,) t
     relative = cfg.motion == "hidden"
 
     def source(tokens, x):
@@ -180,7 +181,7 @@ def motioncache(den: Denoiser, cfg: MotionCacheConfig) -> Denoiser:
         b, n, d = emb.tokens.shape
         hw = emb.grid[1] * emb.grid[2]
         cs = jax.eval_shape(lambda: source(jnp.zeros(emb.tokens.shape, emb.tokens.dtype), x)).shape[-1]
-        ind = indicator(emb)
+        ind = jax.eval_shape(indicator, emb)
         z = jnp.zeros((), jnp.int32)
         return MotionCacheState(inner, jnp.zeros((b, n), jnp.float32), jnp.ones((b, n), jnp.float32),
                                 jnp.zeros(ind.shape, ind.dtype), jnp.zeros((b, n, d), emb.tokens.dtype),

@@ -28,7 +28,7 @@ from flax import struct
 
 from models.ar.rollout import RolloutConfig, rollout
 from vidaccel.checks import choice_arg
-from vidaccel.residual_cache import INDICATORS, ResidualCacheConfig, relative_change, residual_cache
+from vidaccel.residual_cache import INDICATORS, ResidualCacheConfig, indicator_value, relative_change, residual_cache
 from vidaccel.sampling import sample
 from vidaccel.transforms import Denoiser, DenoiseSpec, abstract_embedding, branch_states, wrap_denoiser
 
@@ -87,14 +87,18 @@ def probe(den: Denoiser, indicator: str) -> Denoiser:
     """A dense denoiser that records, per call, the indicator's and the block output's relative L1 change."""
     if den.stages is None:
         raise ValueError(f"probe needs a staged denoiser; {den.name!r} has none")
-    st, ind_fn = den.stages, INDICATORS[choice_arg("indicator", indicator, tuple(INDICATORS))]
+    st = den.stages
+    choice_arg("indicator", indicator, tuple(INDICATORS))
+
+    def ind_fn(emb):        # per-frame timesteps (diffusion forcing) sized as one timestep per sample
+        return indicator_value(indicator, emb)
 
     def init(spec: DenoiseSpec) -> ProbeState:
         inner = den.init(spec)
         emb = abstract_embedding(den, inner, spec)
         calls = spec.num_steps * spec.num_chunks
         z = jnp.zeros((calls,), jnp.float32)
-        return ProbeState(inner, jnp.zeros(ind_fn(emb).shape, jnp.float32),
+        return ProbeState(inner, jnp.zeros(jax.eval_shape(ind_fn, emb).shape, jnp.float32),
                           jnp.zeros(emb.tokens.shape, jnp.float32), jnp.zeros((), jnp.int32), z, z)
 
     def apply(params, state: ProbeState, x, t, context):

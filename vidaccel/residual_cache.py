@@ -71,6 +71,19 @@ INDICATORS: dict[str, Callable] = {
 }
 
 
+def indicator_value(name: str, emb) -> jax.Array:
+    """The indicator `name` of an embedded call, in a shape that does not depend on how `t` was given.
+
+    The time indicators ("e0", "e") come out of `embed` with one row per sample when t is (B,) and one row
+    per latent frame when t is per frame (B, F'), as diffusion forcing gives it; they are broadcast to
+    (B, F', ...) here, so one state sized at `init` serves both. The broadcast repeats rows, so
+    `relative_change` is unchanged by it."""
+    ind = INDICATORS[name](emb)
+    if name in ("e0", "e") and ind.shape[1] == 1:
+        ind = jnp.broadcast_to(ind, (ind.shape[0], emb.grid[0], *ind.shape[2:]))
+    return ind
+
+
 def check_change_rule(cfg, *, min_warmup: int = 0) -> None:
     """Check, from a config's `__post_init__`, the fields every accumulated-change rule has (this module's
     `ResidualCacheConfig`, MotionCache's config): thresh a finite number >= 0, coefficients None or finite
@@ -162,7 +175,7 @@ def residual_cache(den: Denoiser, cfg: ResidualCacheConfig, *, name: str = "resi
         raise ValueError("reuse='latent' needs the solver that samples with this denoiser (solver=...), whose "
                          "step sizes turn the stored latent displacement into a velocity")
     st = den.stages
-    indicator = INDICATORS[cfg.indicator]
+    indicator = partial(indicator_value, cfg.indicator)
     dts = None if solver is None else step_sizes(solver)
 
     def init(spec: DenoiseSpec) -> ResidualCacheState:
@@ -170,7 +183,7 @@ def residual_cache(den: Denoiser, cfg: ResidualCacheConfig, *, name: str = "resi
             raise ValueError(f"the solver given to {name} has {len(dts)} steps but sampling runs {spec.num_steps}")
         inner = den.init(spec)
         emb = abstract_embedding(den, inner, spec)
-        ind = indicator(emb)
+        ind = jax.eval_shape(indicator, emb)
         scope_calls = spec.num_steps * (spec.num_chunks if cfg.scope == "video" else 1)
         stored = emb.tokens if cfg.reuse == "hidden" else spec.latents
         z = jnp.zeros((), jnp.int32)

@@ -28,12 +28,17 @@ chunk does not fit in the `cache_chunks`-chunk budget. `KVCompressionConfig` is 
 `models.ar.compression.CacheCompressor` hook, since it manages the chunk denoiser's cache; the SkyReels
 slow/fast scripts run without it.
 
-Our execution model differs from the papers': the rollout denoises one chunk at a time (synchronous
-diffusion forcing), so per-chunk state is reset at each chunk boundary rather than kept for several chunks
-in flight, and "skipped chunks keep stale K/V" reduces to: earlier chunks are committed (clean K/V from the
-t = 0 pass, or in `kv_mode="last_step"` the K/V of the chunk's last call, which FlowCache-SkyReels forces).
+Two execution models. With `models.ar.rollout` (synchronous: one chunk at a time) per-chunk state is reset
+at each chunk boundary and "skipped chunks keep stale K/V" reduces to: earlier chunks are committed (clean
+K/V from the t = 0 pass, or in `kv_mode="last_step"` the K/V of the chunk's last call). With
+`models.ar.df_sample(execution="chunks")` (the papers' own, asynchronous diffusion forcing) several chunks
+are in flight at staggered noise levels, each with its own state, forwarded block-causally against a
+per-window K/V buffer that skipped chunks leave stale; KV compression counts the chunks in flight in its
+budget (`KVCompressionConfig.score`, the `WindowCompressor` hook). `df_run(method, ...)` (`async_df`) runs
+any cache there by name.
 """
 
+from experiments.flowcache.async_df import DF_METHODS, df_method, df_run
 from experiments.flowcache.caching import (
     MAGI_THRESH,
     SKYREELS_THRESH,
@@ -56,4 +61,4 @@ from experiments.flowcache.compression import (
 
 __all__ = ["WARMUP", "SKYREELS_THRESH", "MAGI_THRESH", "flowcache_config", "flowcache_magi_config", "flowcache",
            "kv_compression", "QUERY_GRANULARITIES", "KVCompressionConfig", "importance", "redundancy", "scores",
-           "select", "compress_cache", "compression_due"]
+           "select", "compress_cache", "compression_due", "DF_METHODS", "df_method", "df_run"]

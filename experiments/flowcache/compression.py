@@ -86,6 +86,12 @@ class KVCompressionConfig:
         """`compress_cache` with this config (the kept indices dropped)."""
         return compress_cache(cache, queries, keep, self, tokens_per_frame)[0]
 
+    # the WindowCompressor interface asynchronous diffusion forcing calls (models.ar.df_sample)
+    def score(self, q: jax.Array, k: jax.Array, valid: jax.Array, tokens_per_frame: int) -> jax.Array:
+        """`scores` of one layer's slots k (B, C, H, D), with this config's share of the queries q (B, N, H, D)
+        of the last forwarded chunk; -inf outside `valid` (C,)."""
+        return scores(self.select_queries(q, tokens_per_frame), k, valid, self)
+
 
 def kv_compression(cache_chunks: int = 6, **overrides) -> KVCompressionConfig:
     """FlowCache's KV compression config (MAGI code defaults); pass it as `RolloutConfig(kv_compression=...)`."""
