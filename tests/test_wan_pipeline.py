@@ -11,9 +11,16 @@ import numpy as np
 import pytest
 
 from experiments.cli import main as cli_main
-from experiments.generate import method_transform, parse_size
+from experiments.generate import method_denoiser, parse_size
 from experiments.video_files import read_video, write_video
-from models.wan_pipeline import encode_prompt, generate, load_pipeline, read_pipeline_folder, to_uint8
+from models.wan_pipeline import (
+    encode_prompt,
+    generate,
+    load_pipeline,
+    read_pipeline_folder,
+    to_uint8,
+    with_causal_block_size,
+)
 
 FIX = Path(__file__).parent / "fixtures" / "wan_pipeline"
 FOLDER = FIX / "t2v"
@@ -128,9 +135,67 @@ def test_bad_sizes(pipe, kwargs, match):
 
 def test_unknown_method(pipe, capsys):
     with pytest.raises(ValueError, match="method='fastcache' is not allowed"):
-        method_transform(pipe, "fastcache")
+        method_denoiser(pipe, "fastcache")
+    with pytest.raises(ValueError, match="method 'flowcache' does not run on WanPipeline folders"):
+        method_denoiser(pipe, "flowcache")
+    with pytest.raises(ValueError, match="--threshold applies to teacache, flowcache and motioncache"):
+        method_denoiser(pipe, "haste-svg2", 0.5)
     with pytest.raises(SystemExit):
         cli_main(["generate", "--model", str(FOLDER), "--prompt", "x", "--method", "fastcache"])
     assert "invalid choice: 'fastcache'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
         parse_size("832by480")
+
+
+# ------------------------------------------------------------------ SkyReels-V2 diffusion forcing
+DF = FIX / "df"
+
+
+@pytest.fixture(scope="module")
+def df_pipe():
+    return load_pipeline(DF, dtype="float32")
+
+
+@pytest.mark.parametrize("name", ["sync", "async"])
+def test_df_pipeline_equals_diffusers(df_pipe, name):
+    """One window, synchronous (causal block 1) and asynchronous (block 2, ar_step 2), CFG 6, from diffusers'
+    recorded noise; long videos over several windows are checked on latents in tests/test_df_pipeline.py."""
+    ref = np.load(FIX / "df_run.npz")
+    cfg = json.loads((FIX / "df_run.json").read_text())
+    opts = cfg["runs"][name]
+    pipe = with_causal_block_size(df_pipe, opts["causal_block_size"])
+    assert df_pipe.folder.kind == "diffusion_forcing" and pipe.transformer.cfg.num_frame_per_block == opts[
+        "causal_block_size"]
+    out = generate(pipe, cfg["prompt"], cfg["negative_prompt"], frames=cfg["num_frames"],
+                   base_frames=cfg["base_num_frames"], height=cfg["height"], width=cfg["width"],
+                   steps=cfg["num_inference_steps"], guidance=cfg["guidance_scale"], ar_step=opts["ar_step"],
+                   latents=jnp.asarray(ref[f"{name}_latents"].transpose(0, 2, 3, 4, 1)), output="float",
+                   progress=False)
+    np.testing.assert_allclose(out.frames, ref[f"{name}_frames"], atol=1e-4)
+    rows = cfg["num_inference_steps"] + (4 // opts["causal_block_size"] - 1) * opts["ar_step"]
+    assert out.work["calls"] == 2 * rows  # one call per row and CFG branch (vanilla: the whole window)
+
+
+def test_df_generate_cli_flowcache(tmp_path, capsys):
+    out = tmp_path / "long.gif"
+    rc = cli_main(["generate", "--model", str(DF), "--prompt", "a cube", "--frames", "21", "--base-frames", "13",
+                   "--overlap-history", "5", "--addnoise-condition", "20", "--ar-step", "1",
+                   "--causal-block-size", "2", "--size", "32x32", "--steps", "12", "--method", "flowcache",
+                   "--threshold", "0.5", "--dtype", "float32", "--out", str(out), "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert read_video(out).shape == (21, 32, 32, 3)
+    assert 0 < report["work"]["block_passes"] < report["work"]["calls"], report["work"]  # FlowCache skipped some
+
+
+def test_df_errors(df_pipe, pipe):
+    with pytest.raises(ValueError, match=r"frames=25 \(7 latent frames\) does not split into windows of 4 latent "
+                                         r"frames overlapping by 2; the nearest frame counts that do are \[21, 29\]"):
+        generate(df_pipe, "x", frames=25, base_frames=13, overlap_history=5, height=32, width=32, steps=1,
+                 progress=False)
+    with pytest.raises(ValueError, match="a long video needs overlap_history"):
+        generate(df_pipe, "x", frames=25, base_frames=13, height=32, width=32, steps=1, progress=False)
+    with pytest.raises(ValueError, match="diffusion-forcing options; WanPipeline folders do not take them"):
+        generate(pipe, "x", frames=5, height=32, width=48, steps=1, ar_step=2, progress=False)
+    with pytest.raises(ValueError, match="method 'haste-xattention' does not run on SkyReelsV2"):
+        method_denoiser(df_pipe, "haste-xattention", window_frames=4)

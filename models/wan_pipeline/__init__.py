@@ -7,12 +7,16 @@ from models.wan_pipeline.pipeline import (
     Pipeline,
     check_video_size,
     decode,
+    df_windows,
     encode_prompt,
     generate,
+    latent_frames,
     load_pipeline,
     make_solver,
     to_uint8,
+    with_causal_block_size,
 )
 
 __all__ = ["PipelineFolder", "SchedulerSettings", "read_pipeline_folder", "GenerateOutput", "Pipeline",
-           "check_video_size", "decode", "encode_prompt", "generate", "load_pipeline", "make_solver", "to_uint8"]
+           "check_video_size", "decode", "df_windows", "encode_prompt", "generate", "latent_frames", "load_pipeline",
+           "make_solver", "to_uint8", "with_causal_block_size"]

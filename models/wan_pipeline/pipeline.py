@@ -16,18 +16,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from models.ar.diffusion_forcing import df_sample, df_work
+from models.ar.window import df_window_denoiser
 from models.umt5 import UMT5Encoder, encode_prompts, load_tokenizer, load_umt5
 from models.wan.denoiser import wan_denoiser
 from models.wan.loader import load_transformer
-from models.wan.transformer import WanTransformer
+from models.wan.transformer import WanTransformer, abstract_transformer
 from models.wan_pipeline.folder import PipelineFolder, read_pipeline_folder
 from models.wan_vae import WanVAE, denormalize_latents, load_wan_vae
 from vidaccel.checks import choice_arg, float_arg, int_arg
@@ -78,8 +80,7 @@ def load_pipeline(path: str | Path, dtype: str = "bfloat16", *, vae_dtype: str =
     choice_arg("dtype", dtype, DTYPES)
     choice_arg("vae_dtype", vae_dtype, DTYPES)
     folder = read_pipeline_folder(path)
-    overrides = {}
-    transformer = load_transformer(folder.part("transformer"), dtype=dtype, cache_dir=cache_dir, **overrides)
+    transformer = load_transformer(folder.part("transformer"), dtype=dtype, cache_dir=cache_dir)
     text_encoder = load_umt5(folder.part("text_encoder"), dtype=dtype)
     vae = load_wan_vae(folder.part("vae"), dtype=vae_dtype)
     tokenizer = load_tokenizer(folder.part("tokenizer"))
@@ -105,10 +106,7 @@ def check_video_size(pipe: Pipeline, frames: int, height: int, width: int) -> tu
     """Latent (frames, height, width) for a video size, or a ValueError saying what the VAE and patches allow."""
     tr = pipe.vae.cfg.temporal_ratio
     sr = pipe.vae.cfg.spatial_ratio
-    frames = int_arg("frames", frames, 1)
-    if (frames - 1) % tr:
-        lo = (frames - 1) // tr * tr + 1
-        raise ValueError(f"frames={frames}: the VAE takes {tr}k+1 frames (e.g. {lo} or {lo + tr})")
+    frames = check_frames(pipe, frames)
     multiple = sr * pipe.transformer.cfg.patch_size[1]
     for name, value in (("height", height), ("width", width)):
         value = int_arg(name, value, 1)
@@ -147,43 +145,120 @@ def _prompt_list(name: str, value, batch: int | None) -> list[str]:
 
 
 def make_solver(pipe: Pipeline, steps: int, shift: float | None):
-    """The folder's scheduler as a vidaccel solver; `shift` overrides the folder's flow shift."""
+    """The folder's scheduler as a vidaccel solver; `shift` overrides the folder's flow shift.
+
+    For SkyReels-V2 DF folders UniPC reproduces the pipeline's in-place latent writes (`last_sample_aliasing`,
+    see `vidaccel.solvers.unipc`), which change the corrector's input after uncorrected steps."""
     s = pipe.folder.scheduler
     shift = s.shift if shift is None else float_arg("shift", shift, low=0.0, low_open=True)
     if s.solver == "unipc":
-        return unipc(steps, shift, solver_order=s.solver_order, num_train_timesteps=s.num_train_timesteps)
+        return unipc(steps, shift, solver_order=s.solver_order, num_train_timesteps=s.num_train_timesteps,
+                     last_sample_aliasing=pipe.kind == "diffusion_forcing")
     return euler(steps, shift, num_train_timesteps=s.num_train_timesteps)
+
+
+def with_causal_block_size(pipe: Pipeline, frames_per_block: int) -> Pipeline:
+    """The pipeline with its transformer block-causal over `frames_per_block` latent frames (SkyReels-V2 DF's
+    `causal_block_size`; 1 = bidirectional). The weights are shared, only the attention mask changes."""
+    n = int_arg("causal_block_size", frames_per_block, 1)
+    model = pipe.transformer
+    if model.cfg.num_frame_per_block == n:
+        return pipe
+    graphdef, _ = nnx.split(abstract_transformer(dataclasses.replace(model.cfg, num_frame_per_block=n)))
+    return dataclasses.replace(pipe, transformer=nnx.merge(graphdef, nnx.state(model)))
+
+
+def latent_frames(pipe: Pipeline, frames: int) -> int:
+    """Latent frames of a video of `frames` frames (the VAE's 4k+1 -> k+1)."""
+    return 1 + (int(frames) - 1) // pipe.vae.cfg.temporal_ratio
+
+
+def df_windows(pipe: Pipeline, frames: int, base_frames: int | None, overlap_history: int | None
+               ) -> tuple[int | None, int | None]:
+    """(window, overlap) in latent frames for a SkyReels-V2 DF video, as the pipeline derives them from its
+    `base_num_frames` and `overlap_history` (video frames); (None, None) for one window over the whole video.
+
+    The pipeline's last window may be shorter than the others; here every window has the same length, so the
+    latent frame count must be window + k (window - overlap): a ValueError names the nearest such lengths."""
+    total = latent_frames(pipe, frames)
+    if base_frames is None or int_arg("base_frames", base_frames, 1) >= frames:
+        if overlap_history is not None and base_frames is None:
+            raise ValueError("overlap_history needs base_frames (the frames of one window)")
+        return None, None
+    if overlap_history is None:
+        raise ValueError(f"frames={frames} exceeds base_frames={base_frames}: a long video needs overlap_history "
+                         "(the frames each window takes over from the previous one; SkyReels-V2 uses 17 or 37)")
+    window = latent_frames(pipe, check_frames(pipe, base_frames, "base_frames"))
+    overlap = latent_frames(pipe, int_arg("overlap_history", overlap_history, 1))
+    if overlap >= window:
+        raise ValueError(f"overlap_history={overlap_history} ({overlap} latent frames) must be shorter than "
+                         f"base_frames={base_frames} ({window} latent frames)")
+    stride = window - overlap
+    if (total - window) % stride:
+        k = (total - window) // stride
+        ok = [pipe.vae.cfg.video_frames(window + j * stride) for j in (k, k + 1)]
+        raise ValueError(f"frames={frames} ({total} latent frames) does not split into windows of {window} latent "
+                         f"frames overlapping by {overlap}; the nearest frame counts that do are {ok}")
+    return window, overlap
+
+
+def check_frames(pipe: Pipeline, frames: int, name: str = "frames") -> int:
+    tr = pipe.vae.cfg.temporal_ratio
+    frames = int_arg(name, frames, 1)
+    if (frames - 1) % tr:
+        lo = (frames - 1) // tr * tr + 1
+        raise ValueError(f"{name}={frames}: the VAE takes {tr}k+1 frames (e.g. {lo} or {lo + tr})")
+    return frames
 
 
 def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | list[str] = "", *, frames: int = 81,
              height: int = 480, width: int = 832, steps: int = 50, guidance: float = 5.0,
              shift: float | None = None, seed: int = 0, latents: jax.Array | None = None,
-             transform: Callable[[Denoiser], Denoiser] | None = None, output: str = "uint8",
-             progress: bool = True, max_length: int = 512) -> GenerateOutput:
-    """Generate videos for `prompt` (one or a list), as the diffusers Wan pipeline does.
+             denoiser: Denoiser | None = None, execution: str = "window", ar_step: int = 0,
+             base_frames: int | None = None, overlap_history: int | None = None, addnoise_condition: float = 0.0,
+             output: str = "uint8", progress: bool = True, max_length: int = 512) -> GenerateOutput:
+    """Generate videos for `prompt` (one or a list), as the diffusers Wan / SkyReels-V2 DF pipelines do.
 
     frames: 4k+1; height, width: multiples of 16. shift: the flow shift (default: the folder's scheduler).
     guidance: CFG scale (<= 1 turns CFG off). seed: for the initial latents (jax.random; `latents` gives them
-    explicitly, (B, F', H/8, W/8, C) channels-last). transform: maps the dense Denoiser to a method's.
+    explicitly, (B, F', H/8, W/8, C) channels-last) and the DF prefix re-noising.
+    denoiser: a Denoiser over `pipe.transformer` with a method applied (`experiments.generate.method_denoiser`
+    builds one by name); None = dense (T2V) or vanilla (DF).
+    SkyReels-V2 DF folders only (`pipe.kind == "diffusion_forcing"`), run by `models.ar.df_sample`: execution
+    ('window': the whole window every row; 'chunks': per chunk against a K/V buffer, for FlowCache and
+    MotionCache), ar_step (0 = synchronous), base_frames / overlap_history (video frames of a window and of
+    the overlap of consecutive windows, for long videos), addnoise_condition (the prefix re-noising, 0 = off).
+    The block size is the transformer's (`with_causal_block_size`).
     output: 'uint8' or 'float' ([0, 1]). progress: print each stage and a bar over the denoising steps.
     """
     choice_arg("output", output, ("uint8", "float"))
-    if pipe.kind != "t2v":
-        raise ValueError(f"{pipe.folder.class_name} folders are not generated yet (diffusion forcing comes next); "
-                         "this version generates with WanPipeline folders")
+    choice_arg("execution", execution, ("window", "chunks"))
+    ar_step = int_arg("ar_step", ar_step, 0)
+    addnoise_condition = float_arg("addnoise_condition", addnoise_condition, low=0.0)
+    df = pipe.kind == "diffusion_forcing"
+    if not df and (ar_step or base_frames is not None or overlap_history is not None or addnoise_condition
+                   or execution != "window"):
+        raise ValueError("ar_step, base_frames, overlap_history, addnoise_condition and execution='chunks' are "
+                         f"diffusion-forcing options; {pipe.folder.class_name} folders do not take them")
     prompts = _prompt_list("prompt", prompt, None)
     negatives = _prompt_list("negative_prompt", negative_prompt, len(prompts))
     lat_shape = check_video_size(pipe, frames, height, width)
+    window, overlap = df_windows(pipe, frames, base_frames, overlap_history) if df else (None, None)
     steps = int_arg("steps", steps, 1)
     guidance = float_arg("guidance", guidance)
     guided = guidance > 1.0
     solver = make_solver(pipe, steps, shift)
     shape = (len(prompts), *lat_shape, pipe.transformer.cfg.in_channels)
+    key_latents, key_renoise = jax.random.split(jax.random.key(int_arg("seed", seed, 0)))
     if latents is None:
-        latents = jax.random.normal(jax.random.key(int_arg("seed", seed, 0)), shape, jnp.float32)
+        latents = jax.random.normal(key_latents, shape, jnp.float32)
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents have shape {tuple(latents.shape)}; {frames} frames at {height}x{width} for "
                          f"{len(prompts)} prompt(s) need {shape}")
+    if denoiser is None:
+        denoiser = (df_window_denoiser if df else wan_denoiser)(pipe.transformer)
+    elif not isinstance(denoiser, Denoiser):
+        raise TypeError(f"denoiser must be a Denoiser (or None for dense), got {type(denoiser).__name__}")
     seconds = {}
 
     def stage(name, fn):
@@ -198,14 +273,20 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
 
     context = stage("encode", lambda: encode_prompt(pipe, prompts + (negatives if guided else []), max_length))
     cond, neg = (context[:len(prompts)], context[len(prompts):]) if guided else (context, None)
-    den = wan_denoiser(pipe.transformer)
-    if transform is not None:
-        den = transform(den)
-        if not isinstance(den, Denoiser):
-            raise TypeError(f"transform must return a Denoiser, got {type(den).__name__}")
-    result = stage("denoise", lambda: sample(den, None, latents.astype(jnp.float32), cond, solver=solver,
-                                             guidance=guidance if guided else None, negative_context=neg,
-                                             progress="denoising" if progress else False))
+    bar = "denoising" if progress else False
+    common = dict(solver=solver, guidance=guidance if guided else None, negative_context=neg, progress=bar)
+    if df:
+        def run():
+            return df_sample(denoiser, latents.astype(jnp.float32), cond, ar_step=ar_step, window_frames=window,
+                             overlap_frames=overlap, addnoise_condition=addnoise_condition,
+                             noise_key=key_renoise if addnoise_condition and overlap else None,
+                             execution=execution, **common)
+    else:
+        def run():
+            return sample(denoiser, None, latents.astype(jnp.float32), cond, **common)
+    result = stage("denoise", run)
     video = stage("decode", lambda: decode(pipe, result.latents))
     frames_out = to_uint8(video) if output == "uint8" else np.asarray(video)
-    return GenerateOutput(frames_out, result.latents, seconds, total_work(result.state))
+    # Counters summed over CFG branches (and a DF run's windows and chunks; attn_pairs: attended query-key pairs).
+    work = {k: int(v) for k, v in df_work(result.state).items()} if df else total_work(result.state)
+    return GenerateOutput(frames_out, result.latents, seconds, work)
