@@ -11,7 +11,6 @@ tied table (`shared.weight`, `encoder.embed_tokens.weight`); a full encoder-deco
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
+from models.checkpoint_files import mismatch_message, part_folder, safetensors_files
 from models.umt5.config import UMT5Config
 from models.umt5.encoder import UMT5Encoder, abstract_umt5
 
@@ -50,37 +50,13 @@ _LAYER = {
 
 def resolve_text_encoder(path: str | Path) -> tuple[Path, dict]:
     """Find the text-encoder folder (`path` or `path/text_encoder`) and read its config.json."""
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"text encoder path {root} does not exist")
-    folder = root / SUBFOLDER if (root / SUBFOLDER / "config.json").exists() else root
-    cfg_path = folder / "config.json"
-    if not cfg_path.exists():
-        raise ValueError(f"{root}: no config.json (looked in {folder}); expected a transformers umT5 folder or a "
-                         f"pipeline root with {SUBFOLDER}/")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{cfg_path}: invalid JSON ({err})") from err
-    return folder, cfg
+    return part_folder(path, SUBFOLDER, "text encoder",
+                       f"a transformers umT5 folder or a pipeline root with {SUBFOLDER}/")
 
 
 def text_encoder_files(folder: Path) -> list[Path]:
     """The safetensors files: those the shard index lists if there is one, else model.safetensors."""
-    index = folder / INDEX
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{index}: unreadable shard index ({err})") from err
-        files = sorted({folder / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise ValueError(f"{index} lists shards that are not there: {missing}")
-        return files
-    if (folder / WEIGHTS).exists():
-        return [folder / WEIGHTS]
-    raise ValueError(f"{folder}: neither {WEIGHTS} nor {INDEX} (only safetensors checkpoints are supported)")
+    return safetensors_files(folder, WEIGHTS, INDEX)
 
 
 def load_umt5(path: str | Path, dtype: str = "bfloat16", **config_overrides) -> UMT5Encoder:
@@ -150,13 +126,7 @@ def _load_weights(cfg: UMT5Config, folder: Path, files: list[Path]) -> UMT5Encod
 
 
 def _mismatch_message(folder, cfg: UMT5Config, missing, unexpected, misshaped) -> str:
-    def part(title, items):
-        if not items:
-            return ""
-        shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
-        return f"\n  {title} ({len(items)}): {shown}"
-    return (f"checkpoint {folder} does not match the umT5 encoder built from its config.json (vocab={cfg.vocab_size}, "
-            f"d_model={cfg.d_model}, layers={cfg.num_layers}, heads={cfg.num_heads}x{cfg.d_kv}, d_ff={cfg.d_ff}, "
-            f"buckets={cfg.relative_attention_num_buckets}):"
-            + part("missing keys", missing) + part("unexpected keys", unexpected)
-            + part("mis-shaped keys", misshaped))
+    return mismatch_message(f"checkpoint {folder} does not match the umT5 encoder built from its config.json "
+                            f"(vocab={cfg.vocab_size}, d_model={cfg.d_model}, layers={cfg.num_layers}, "
+                            f"heads={cfg.num_heads}x{cfg.d_kv}, d_ff={cfg.d_ff}, "
+                            f"buckets={cfg.relative_attention_num_buckets}):", missing, unexpected, misshaped)

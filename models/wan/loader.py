@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
+from models.checkpoint_files import mismatch_message, part_folder, safetensors_files
 from models.wan.config import WanConfig
 from models.wan.transformer import WanTransformer, abstract_transformer
 
@@ -119,18 +120,10 @@ def _to_ours(arr: np.ndarray, kind: str, target_shape: tuple[int, ...]) -> np.nd
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, dict, str]:
     """Find the transformer folder, read its config.json and tell its layout ('diffusers' or 'official')."""
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"checkpoint path {root} does not exist")
-    folder = root / "transformer" if (root / "transformer" / "config.json").exists() else root
+    folder, cfg = part_folder(path, "transformer", "checkpoint",
+                              "a diffusers transformer folder, a diffusers pipeline root with transformer/, or an "
+                              "official Wan2.1 folder")
     cfg_path = folder / "config.json"
-    if not cfg_path.exists():
-        raise ValueError(f"{root}: no config.json (looked in {folder}); expected a diffusers transformer folder, "
-                         "a diffusers pipeline root with transformer/, or an official Wan2.1 folder")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{cfg_path}: invalid JSON ({err})") from err
     if "num_attention_heads" in cfg:
         layout = "diffusers"
     elif "num_heads" in cfg and "dim" in cfg:
@@ -142,24 +135,8 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, dict, str]:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: from the shard index if present, else the single file."""
-    index = folder / INDEX
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{index}: unreadable shard index ({err})") from err
-        files = sorted({folder / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise ValueError(f"{index} lists shards that are not there: {missing}")
-        return files
-    if (folder / WEIGHTS).exists():
-        return [folder / WEIGHTS]
-    found = sorted(folder.glob("*.safetensors"))
-    if not found:
-        raise ValueError(f"{folder}: no {WEIGHTS}, no {INDEX} and no *.safetensors files")
-    return found
+    """The safetensors files of a transformer checkpoint: the shards the index lists, the single file, or any."""
+    return safetensors_files(folder, WEIGHTS, INDEX, any_safetensors=True)
 
 
 def load_transformer(path: str | Path, dtype: str = "float32", *, cache_dir: str | Path | None = None,
@@ -276,16 +253,10 @@ def _load_weights(cfg: WanConfig, folder: Path, layout: str, files: list[Path]) 
 
 
 def _mismatch_message(folder, cfg, missing, unexpected, misshaped) -> str:
-    def part(title, items):
-        if not items:
-            return ""
-        shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
-        return f"\n  {title} ({len(items)}): {shown}"
-    return (f"checkpoint {folder} does not match the model built from its config.json "
-            f"(dim={cfg.dim}, layers={cfg.num_layers}, heads={cfg.num_attention_heads}, ffn_dim={cfg.ffn_dim}, "
-            f"in/out channels={cfg.in_channels}/{cfg.out_channels}, text_dim={cfg.text_dim}):"
-            + part("missing keys", missing) + part("unexpected keys", unexpected)
-            + part("mis-shaped keys", misshaped))
+    return mismatch_message(f"checkpoint {folder} does not match the model built from its config.json "
+                            f"(dim={cfg.dim}, layers={cfg.num_layers}, heads={cfg.num_attention_heads}, "
+                            f"ffn_dim={cfg.ffn_dim}, in/out channels={cfg.in_channels}/{cfg.out_channels}, "
+                            f"text_dim={cfg.text_dim}):", missing, unexpected, misshaped)
 
 
 def save_converted(model: WanTransformer, directory: str | Path, *, source: dict | None = None) -> None:

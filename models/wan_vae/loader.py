@@ -8,7 +8,6 @@ problems are reported together in one ValueError.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
+from models.checkpoint_files import mismatch_message, part_folder
 from models.wan.loader import weight_files
 from models.wan_vae.config import DTYPES, WanVAEConfig
 from models.wan_vae.model import WanVAE, abstract_wan_vae
@@ -46,19 +46,7 @@ def to_ours(arr: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
 
 def resolve_vae_folder(path: str | Path) -> tuple[Path, dict]:
     """The VAE folder (`path/vae` when `path` is a pipeline root) and its parsed config.json."""
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"VAE checkpoint path {root} does not exist")
-    folder = root / "vae" if (root / "vae" / "config.json").exists() else root
-    cfg_path = folder / "config.json"
-    if not cfg_path.exists():
-        raise ValueError(f"{root}: no config.json (looked in {folder}); expected diffusers' vae/ folder or a "
-                         "pipeline root that holds one")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{cfg_path}: invalid JSON ({err})") from err
-    return folder, raw
+    return part_folder(path, "vae", "VAE checkpoint", "diffusers' vae/ folder or a pipeline root that holds one")
 
 
 def load_wan_vae(path: str | Path, dtype: str = "float32") -> WanVAE:
@@ -103,12 +91,6 @@ def load_wan_vae(path: str | Path, dtype: str = "float32") -> WanVAE:
 
 
 def _mismatch_message(folder, cfg: WanVAEConfig, missing, unexpected, misshaped) -> str:
-    def part(title, items):
-        if not items:
-            return ""
-        shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
-        return f"\n  {title} ({len(items)}): {shown}"
-    return (f"VAE checkpoint {folder} does not match the model built from its config.json (base_dim={cfg.base_dim}, "
-            f"z_dim={cfg.z_dim}, dim_mult={cfg.dim_mult}, num_res_blocks={cfg.num_res_blocks}):"
-            + part("missing keys", missing) + part("unexpected keys", unexpected)
-            + part("mis-shaped keys", misshaped))
+    return mismatch_message(f"VAE checkpoint {folder} does not match the model built from its config.json "
+                            f"(base_dim={cfg.base_dim}, z_dim={cfg.z_dim}, dim_mult={cfg.dim_mult}, "
+                            f"num_res_blocks={cfg.num_res_blocks}):", missing, unexpected, misshaped)
