@@ -1,0 +1,184 @@
+"""python -m experiments.cache_policy [memory|sensitivity|pareto|all] [--steps N] [--out DIR]
+
+Differentiable studies of cache policies on the embedded shapes t2v model (CPU; see docs/cache_policies.md):
+- memory: compiled memory of the gradient through a 50-step sample vs a 1-step one, with and without
+  per-step rematerialisation;
+- sensitivity: d log(final error) / d(gate) per step at calibrated TeaCache's decisions, beside its indicator;
+- pareto: policies learned under a budget (threshold, per-step schedule) vs calibrated TeaCache and a uniform
+  schedule, hard decisions on held-out prompts, compute counted by the transforms' counters.
+Writes <out>/<study>.json, .md and .png (results/cache_policy/ by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from experiments.cache_policy.study import (
+    calibrate,
+    evaluate,
+    evaluate_teacache,
+    fmt_bytes,
+    grad_memory,
+    learn_policy,
+    make_setup,
+    sensitivity,
+    teacache_rule,
+)
+from experiments.harness import machine, markdown_table, plot_or_skip, pyplot, write_results
+from vidaccel.relaxed import ScheduleRule, relaxed_cache, relaxed_params
+
+OUT = Path("results/cache_policy")
+STUDIES = ("memory", "sensitivity", "pareto")
+
+
+def run_memory(setup, out: Path, log=print) -> dict:
+    rows = [grad_memory(setup, s, remat=r) for r in ("nested", "step", False) for s in (2, 50)]
+    by = {(r["steps"], r["remat"]): r["peak_bytes"] for r in rows}
+    ratios = {str(r): by[(50, r)] / by[(2, r)] for r in ("nested", "step", False)}
+    report = {"rows": rows, "ratio_50_to_2": ratios, "machine": machine(),
+              "what": "XLA memory_analysis of jit(grad) of the rel. MSE of final latents w.r.t. per-step schedule "
+                      "logits (soft gates), 1 prompt, CFG 5, UniPC; peak = temporaries + arguments + outputs. "
+                      "The reference is a 2-step sample (the first call is always computed, so a 1-step sample "
+                      "has no gated call and a zero gradient)."}
+    md = ["# Gradient memory through the sampler\n", report["what"] + "\n",
+          markdown_table(rows, {"steps": "steps", "remat": lambda r: str(r["remat"]),
+                                "temp": lambda r: fmt_bytes(r["temp_bytes"]),
+                                "peak": lambda r: fmt_bytes(r["peak_bytes"])}),
+          "\n50-step / 2-step peak: " + ", ".join(f"**{v:.1f}x** with remat={k}" for k, v in ratios.items())
+          + ".\n"]
+    write_results(out, "memory", report, "\n".join(md))
+    log("memory: 50/2-step peak ratio " + ", ".join(f"{v:.1f}x (remat={k})" for k, v in ratios.items()))
+    return report
+
+
+def run_sensitivity(setup, cal, out: Path, log=print) -> dict:
+    rep = sensitivity(setup, cal, 0.5)
+    rep["steps"] = setup.solver.num_steps
+    rows = [{"step": i, "teacache": int(rep["teacache_schedule"][i]), "indicator": rep["indicator_rescaled"][i],
+             "grad": rep["gradient"][i], "flip": rep["flip_effect"][i]} for i in range(rep["steps"])]
+    predicted = np.where(rep["teacache_schedule"] > 0, -1.0, 1.0) * rep["gradient"]   # first order, flip
+    corr = float(np.corrcoef(predicted[1:], rep["flip_effect"][1:])[0, 1])             # step 0 is forced
+    rep["corr_gradient_vs_flip"] = corr
+    md = ["# Sensitivity of the final error to each step's decision\n",
+          f"At calibrated TeaCache's decisions for 50% compute ({rep['steps']} steps, training prompts). "
+          "grad = d log(rel. MSE) / d g_i (g = 1 computes); flip = measured change of log(rel. MSE) when only "
+          f"step i's decision is flipped. Correlation of the first-order prediction of a flip (-grad at computed, "
+          f"+grad at reused steps) with the measured flips, steps 1..: {corr:.2f}.\n",
+          markdown_table(rows, {"step": "step", "TeaCache computes": "teacache",
+                                "rescaled e0 change": lambda r: f"{r['indicator']:.4f}",
+                                "d log err / d g": lambda r: f"{r['grad']:+.3f}",
+                                "flip effect": lambda r: f"{r['flip']:+.3f}"}),
+          f"\nGradient check (one-sided differences of step {rep['fd_step']} in the gate, at the 3 largest "
+          "gradients): " + ", ".join(f"step {i}: {v['gradient']:+.3f} vs {v['finite_difference']:+.3f}"
+                                     for i, v in rep["finite_difference_check"].items()) + ".\n"]
+    write_results(out, "sensitivity", rep, "\n".join(md))
+    plot_or_skip(_plot_sensitivity, rep, out / "sensitivity.png", log=log)
+    return rep
+
+
+def _plot_sensitivity(rep, path):
+    plt = pyplot()
+    fig, ax = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    i = np.arange(rep["steps"])
+    ax[0].bar(i, rep["gradient"], color=["tab:blue" if c else "tab:gray" for c in rep["teacache_schedule"]])
+    ax[0].set_ylabel("d log err / d g_i")
+    ax[0].set_title("blue: TeaCache computes the step, gray: reuses")
+    ax[1].plot(i[1:], rep["indicator_rescaled"][1:], "o-")
+    ax[1].set_ylabel("TeaCache rescaled e0 change")
+    ax[1].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def uniform_schedule(steps: int, budget: float) -> np.ndarray:
+    """round(budget * steps) computed calls spread evenly, the first included, as +-1 logits."""
+    k = max(1, round(budget * steps))
+    keep = np.unique(np.round(np.linspace(0, steps - 1, k)).astype(int))
+    out = -np.ones(steps, np.float32)
+    out[keep] = 1.0
+    return out
+
+
+def run_pareto(setup, cal, out: Path, budgets, iters: int, log=print) -> dict:
+    steps = setup.solver.num_steps
+    rows, learned = [], {}
+    for b in budgets:
+        cfg, frac = teacache_rule(cal, b)
+        rows.append({"method": "TeaCache (calibrated)", "budget": b, **evaluate_teacache(setup, cfg)})
+        rule = ScheduleRule(steps)
+        den = relaxed_cache(setup.base, rule, mode="hard")
+        uniform = {"logits": uniform_schedule(steps, b)}
+        rows.append({"method": "uniform schedule", "budget": b, **evaluate(setup, den, relaxed_params(den, uniform))})
+        for kind in ("threshold", "schedule"):
+            res = learn_policy(setup, kind, b, calibration=cal, iters=iters, log=log)
+            ev = evaluate(setup, res.den_hard, res.params_hard)
+            tr = evaluate(setup, res.den_hard, res.params_hard, split="train")
+            name = f"learned {kind}"
+            rows.append({"method": name, "budget": b, **ev, "train_psnr": tr["psnr"], "train_seconds": res.seconds})
+            learned[f"{kind}@{b}"] = {"policy": res.policy, "history": res.history,
+                                      "hard_policy": {k: np.asarray(v) for k, v in res.params_hard.policy.items()}}
+        log("\n".join(f"  {r['method']:<24} B={r['budget']:.2f} compute {r['compute']:.3f} PSNR {r['psnr']:.2f}"
+                      for r in rows if r["budget"] == b))
+    for r in rows:
+        r.pop("psnr_per_video", None)
+    report = {"steps": steps, "guidance": setup.guidance, "train_prompts": setup.train.prompts,
+              "heldout_prompts": setup.heldout.prompts, "budgets": list(budgets), "iters": iters, "rows": rows,
+              "learned": learned, "machine": machine(), "teacache_fit_relative_error": cal["fit_relative_error"]}
+    md = ["# Learned cache policies vs calibrated TeaCache (held-out prompts, hard decisions)\n",
+          f"Shapes t2v model, UniPC {steps} steps, CFG {setup.guidance}; learned on {len(setup.train.prompts)} "
+          f"training prompts ({iters} Adam iterations, straight-through gates, dual ascent on the budget), "
+          f"evaluated on {len(setup.heldout.prompts)} held-out prompts. compute = block-stack passes / calls "
+          "from the transforms' counters. PSNR / SSIM of decoded videos vs the dense run.\n",
+          markdown_table(rows, {"method": "method", "budget": lambda r: f"{r['budget']:.2f}",
+                                "compute": lambda r: f"{r['compute']:.3f}", "PSNR": lambda r: f"{r['psnr']:.2f}",
+                                "SSIM": lambda r: f"{r['ssim']:.4f}", "rel. MSE": lambda r: f"{r['rel_mse']:.2e}",
+                                "train PSNR": lambda r: f"{r['train_psnr']:.2f}" if "train_psnr" in r else "-"})]
+    write_results(out, "pareto", report, "\n".join(md))
+    plot_or_skip(_plot_pareto, rows, out / "pareto.png", log=log)
+    return report
+
+
+def _plot_pareto(rows, path):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["compute"], r["psnr"]) for r in rows if r["method"] == m)
+        ax.plot(*zip(*pts, strict=True), "o-", label=m)
+    ax.set_xlabel("compute (block-stack passes / calls)")
+    ax.set_ylabel("PSNR vs dense (dB), held-out")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m experiments.cache_policy", description=__doc__.splitlines()[2])
+    ap.add_argument("study", nargs="?", default="all", choices=(*STUDIES, "all"))
+    ap.add_argument("--steps", type=int, default=20, help="sampler steps of the sensitivity and pareto studies")
+    ap.add_argument("--train-prompts", type=int, default=2)
+    ap.add_argument("--heldout-prompts", type=int, default=4)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.4, 0.5])
+    ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--out", type=Path, default=OUT)
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    setup = make_setup(steps=a.steps, train_prompts=a.train_prompts, heldout_prompts=a.heldout_prompts)
+    todo = STUDIES if a.study == "all" else (a.study,)
+    if "memory" in todo:
+        run_memory(setup, a.out)
+    cal = calibrate(setup) if {"sensitivity", "pareto"} & set(todo) else None
+    if "sensitivity" in todo:
+        run_sensitivity(setup, cal, a.out)
+    if "pareto" in todo:
+        run_pareto(setup, cal, a.out, a.budgets, a.iters)
+    print(f"done in {time.perf_counter() - t0:.0f} s; results in {a.out}")
+
+
+if __name__ == "__main__":
+    main()
