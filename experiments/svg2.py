@@ -35,7 +35,7 @@ from pallas_kernels import ALLOWED_BLOCKS, cluster_sparse_attention, cluster_spa
 from pallas_kernels.reference import masked_attention
 from vidaccel.attention import BACKENDS, resolve_backend
 from vidaccel.checks import bool_arg, choice_arg, float_arg, int_arg
-from vidaccel.sparse_attention import AttnContext, AttnSpec, Policy, PredictStats
+from vidaccel.sparse_attention import AttnContext, AttnSpec, Policy, PredictStats, all_heads_max, head_offset
 
 
 def _floor(x: float) -> int:
@@ -122,12 +122,13 @@ def cluster_sizes(labels: jax.Array, n: int) -> jax.Array:
     return jnp.sum(jax.nn.one_hot(labels, n, dtype=jnp.int32), axis=-2)
 
 
-def kmeans(x: jax.Array, centroids: jax.Array, iters, tol: float):
+def kmeans(x: jax.Array, centroids: jax.Array, iters, tol: float, ctx: AttnContext | None = None):
     """Batched Euclidean k-means: x (B, H, N, D), initial centroids (B, H, K, D), at most `iters` (traced ok).
 
     Each iteration assigns every point to its nearest centroid and moves every non-empty centroid to its
     cluster's mean; it stops once no centroid moved more than `tol` (max over the whole batch, as SVG2).
-    Returns (labels (B, H, N) int32, centroids, sizes (B, H, K) int32, iterations run).
+    Returns (labels (B, H, N) int32, centroids, sizes (B, H, K) int32, iterations run). ctx: under head
+    parallelism the shift is maxed over the other devices' heads too (the same stop as one device).
     """
     x = x.astype(jnp.float32)
     b, h, n, d = x.shape
@@ -143,6 +144,8 @@ def kmeans(x: jax.Array, centroids: jax.Array, iters, tol: float):
         sizes = jax.ops.segment_sum(jnp.ones_like(ids), ids, num_segments=b * h * kk).reshape(b, h, kk)
         new = jnp.where(sizes[..., None] > 0, sums / jnp.maximum(sizes, 1)[..., None], c)
         shift = jnp.max(jnp.linalg.norm(new - c, axis=-1))
+        if ctx is not None:
+            shift = all_heads_max(shift, ctx)
         return i + 1, new, labels, sizes, shift < tol
 
     def cond(carry):
@@ -155,9 +158,15 @@ def kmeans(x: jax.Array, centroids: jax.Array, iters, tol: float):
     return labels, c, sizes, i
 
 
-def random_centroids(key: jax.Array, x: jax.Array, k: int) -> jax.Array:
-    """k distinct random tokens of x (B, H, N, D) per (batch, head) as initial centroids (B, H, k, D)."""
-    idx = jnp.argsort(jax.random.uniform(key, x.shape[:3]), axis=-1)[..., :k]
+def random_centroids(key: jax.Array, x: jax.Array, k: int, *, heads: int | None = None, offset=0) -> jax.Array:
+    """k distinct random tokens of x (B, H, N, D) per (batch, head) as initial centroids (B, H, k, D).
+    heads / offset: x holds heads offset..offset+H of `heads` (head parallelism): the draw is the one of all
+    `heads`, sliced, so each head starts where it would on one device."""
+    b, h, n = x.shape[:3]
+    u = jax.random.uniform(key, (b, h if heads is None else heads, n))
+    if heads is not None:
+        u = jax.lax.dynamic_slice_in_dim(u, offset, h, axis=1)
+    idx = jnp.argsort(u, axis=-1)[..., :k]
     return jnp.take_along_axis(x.astype(jnp.float32), idx[..., None], axis=2)
 
 
@@ -222,11 +231,12 @@ def svg2(cfg: SVG2Config = SVG2Config()) -> Policy:
         qh, kh = (jnp.swapaxes(x, 1, 2).astype(jnp.float32) for x in (q, k))         # (B, H, N, D)
         key = jax.random.fold_in(jax.random.key(cfg.seed), ctx.layer)
         first = ~state.initialized
-        cq0 = jnp.where(first, random_centroids(jax.random.fold_in(key, 0), qh, qc), state.q_centroids)
-        ck0 = jnp.where(first, random_centroids(jax.random.fold_in(key, 1), kh, kc), state.k_centroids)
+        draw = {} if ctx.head_axis is None else dict(heads=ctx.spec.heads, offset=head_offset(ctx, h))
+        cq0 = jnp.where(first, random_centroids(jax.random.fold_in(key, 0), qh, qc, **draw), state.q_centroids)
+        ck0 = jnp.where(first, random_centroids(jax.random.fold_in(key, 1), kh, kc, **draw), state.k_centroids)
         iters = jnp.where(first, cfg.kmeans_iter_init, cfg.kmeans_iter_step)
-        q_labels, cq, q_sizes, q_it = kmeans(qh, cq0, iters, cfg.kmeans_tol)
-        k_labels, ck, k_sizes, k_it = kmeans(kh, ck0, iters, cfg.kmeans_tol)
+        q_labels, cq, q_sizes, q_it = kmeans(qh, cq0, iters, cfg.kmeans_tol, ctx)
+        k_labels, ck, k_sizes, k_it = kmeans(kh, ck0, iters, cfg.kmeans_tol, ctx)
         mask = select_clusters(cq, ck, k_sizes, ctx.threshold, cfg.min_kc_ratio)
         q_perm = jnp.argsort(q_labels, axis=-1, stable=True).astype(jnp.int32)
         k_perm = jnp.argsort(k_labels, axis=-1, stable=True).astype(jnp.int32)
@@ -258,7 +268,8 @@ def svg2(cfg: SVG2Config = SVG2Config()) -> Policy:
     return Policy(name="svg2", init=init, predict=predict, attend=attend, thresholds=cfg.top_p,
                   dense_steps=lambda steps: _floor(cfg.dense_step_fraction * steps),
                   dense_layers=lambda layers: tuple(range(_floor(cfg.dense_layer_fraction * layers))),
-                  tiles_dense=tiles_dense)
+                  tiles_dense=tiles_dense,
+                  state_head_axes=lambda spec: SVG2State(1, 1, None))  # centroids per (batch, head)
 
 
 __all__ = ["SVG2Config", "SVG2State", "SVG2Plan", "cluster_sizes", "kmeans", "random_centroids",

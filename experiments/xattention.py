@@ -185,7 +185,7 @@ def xattention(cfg: XAttentionConfig = XAttentionConfig()) -> Policy:
 
     return Policy(name="xattention", init=init, predict=predict, attend=attend, thresholds=cfg.threshold,
                   dense_steps=lambda steps: min(cfg.warmup_steps, steps), dense_layers=lambda layers: cfg.dense_layers,
-                  tiles_dense=tiles_dense)
+                  tiles_dense=tiles_dense, state_head_axes=lambda spec: ())
 
 
 __all__ = ["XAttentionConfig", "XPlan", "antidiagonal_scores", "select_blocks", "block_work", "xattention"]

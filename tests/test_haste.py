@@ -2,6 +2,7 @@
 the EBC solvers against brute force, the calibration measurements, table files, the dense trajectory, and
 errors."""
 
+import dataclasses
 import itertools
 import json
 
@@ -20,6 +21,7 @@ from experiments.haste import (
     dense_trajectory,
     drift,
     haste,
+    head_reuse_counts,
     load_ebc_table,
     measure_ebc,
     pool_blocks,
@@ -234,3 +236,108 @@ def test_table_files_and_errors(tmp_path):
         HasteConfig(thresholds=[0.5, 0.6])
     with pytest.raises(TypeError, match="base Policy"):
         haste(XAttentionConfig())
+
+
+# ------------------------------------------------------------------------------------------ per-head TMR
+def _head_run(policy, qk_at_step, steps=7):
+    """Per step: stats (predicted, reused, estimate FLOPs), the plan, and the final TMR state."""
+    state = jax.tree.map(lambda x: x[0], policy.init(SPEC))
+    predict = jax.jit(policy.predict)
+    stats, plans = [], []
+    for s in range(steps):
+        q, k = qk_at_step(s)
+        ctx = AttnContext(jnp.int32(s), jnp.int32(0), jnp.full((2,), 0.7), SPEC)
+        plan, state, st = predict(q, k, state, ctx)
+        stats.append((int(st.predicted), int(st.reused), float(st.estimate_flops)))
+        plans.append(plan)
+    return stats, plans, state
+
+
+def _xbase():
+    return xattention(XAttentionConfig(block_size=16, stride=4, backend="reference"))
+
+
+def test_per_head_tmr_at_epsilon_zero_is_the_base_policy():
+    """epsilon 0: no drift is below it, so every head predicts every step and each plan is the base's own."""
+    q, k = _qk()
+    base = _xbase()
+    walk = lambda s: (q * (1 + 0.01 * s), k)  # noqa: E731
+    stats, plans, state = _head_run(temporal_mask_reuse(base, TMRConfig(epsilon=0.0, pool_block=16,
+                                                                        granularity="head")), walk)
+    base_state = jax.tree.map(lambda x: x[0], base.init(SPEC))
+    for s, plan in enumerate(plans):
+        ctx = AttnContext(jnp.int32(s), jnp.int32(0), jnp.full((2,), 0.7), SPEC)
+        ref, _, ref_stats = base.predict(*walk(s), base_state, ctx)
+        for f in ("indices", "counts", "pairs", "tiles"):
+            np.testing.assert_array_equal(getattr(plan, f), getattr(ref, f))
+        assert stats[s] == (1, 0, pytest.approx(float(ref_stats.estimate_flops)))
+    assert head_reuse_counts(state) == {"head_masks_predicted": 14, "head_masks_reused": 0,
+                                        "head_reuse_fraction": 0.0}
+
+
+def test_per_head_tmr_with_huge_epsilon_reuses_up_to_r_max():
+    """epsilon 1e9: whatever the inputs do, every head reuses until R_max = 3 steps after its anchor:
+    P R R P R R P for both heads; a reused call runs no prediction at all."""
+    calls = []
+    qs = [_qk(s) for s in range(7)]
+    tmr = temporal_mask_reuse(_counting(_xbase(), calls), TMRConfig(epsilon=1e9, max_interval=3, pool_block=16,
+                                                                      granularity="head"))
+    stats, plans, state = _head_run(tmr, lambda s: qs[s])
+    jax.effects_barrier()
+    assert "".join("R" if r else "P" for _, r, _ in stats) == "PRRPRRP"
+    assert len(calls) == 3
+    np.testing.assert_array_equal(plans[2].indices, plans[0].indices)
+    np.testing.assert_array_equal(state.anchor_step, [6, 6])
+    assert head_reuse_counts(state)["head_masks_reused"] == 8
+    assert head_reuse_counts(state)["head_masks_predicted"] == 6
+
+
+def test_per_head_decisions_differ_from_per_layer_ones():
+    """Head 0 constant, head 1's q grows 1.3x a step (pooled-logit drift 0.3 after one step), epsilon 0.2:
+    per layer ("max") every step predicts; per head, head 0 reuses its step-0 mask for steps 1-6 while head 1
+    predicts every step. Per-head counts: head 0 1 predicted / 6 reused, head 1 7 / 0; the counted prediction
+    FLOPs are half the base's after step 0 (one head of two); plans mix the heads accordingly."""
+    q, k = _qk()
+    grow = lambda s: (q.at[:, :, 1].multiply(1.3 ** s), k)  # noqa: E731
+    cfg = TMRConfig(epsilon=0.2, max_interval=9, pool_block=16)
+    layer_stats, _, layer_state = _head_run(temporal_mask_reuse(_xbase(), cfg), grow)
+    head_stats, plans, state = _head_run(
+        temporal_mask_reuse(_xbase(), dataclasses.replace(cfg, granularity="head")), grow)
+    assert [r for _, r, _ in layer_stats] == [0] * 7
+    np.testing.assert_array_equal(layer_state.head_predicted, [7, 7])
+    np.testing.assert_array_equal(state.head_predicted, [1, 7])
+    np.testing.assert_array_equal(state.head_reused, [6, 0])
+    np.testing.assert_array_equal(state.anchor_step, [0, 6])
+    assert [(p, r) for p, r, _ in head_stats] == [(1, 0)] * 7      # any head predicting counts as predicted
+    full = head_stats[0][2]
+    assert all(f == pytest.approx(full / 2) for _, _, f in head_stats[1:])
+    base = _xbase()
+    base_state = jax.tree.map(lambda x: x[0], base.init(SPEC))
+    ctx = AttnContext(jnp.int32(6), jnp.int32(0), jnp.full((2,), 0.7), SPEC)
+    fresh = base.predict(*grow(6), base_state, ctx)[0]
+    np.testing.assert_array_equal(plans[6].indices[:, 0], plans[0].indices[:, 0])
+    np.testing.assert_array_equal(plans[6].indices[:, 1], fresh.indices[:, 1])
+    np.testing.assert_array_equal(plans[6].pairs, [plans[0].pairs[0], fresh.pairs[1]])
+    assert head_reuse_counts([state, layer_state]) == {"head_masks_predicted": 22, "head_masks_reused": 6,
+                                                       "head_reuse_fraction": 6 / 28}
+
+
+def test_per_head_tmr_runs_svg2_and_a_whole_model():
+    """SVG2 plans (labels, permutations, ranges) select per head, and a per-head HASTE denoiser samples; at
+    epsilon 0 it gives the base policy's latents exactly."""
+    q, k = _qk(1)
+    base = svg2(SVG2Config(num_q_clusters=4, num_k_clusters=8, block_q=16, block_k=16, backend="reference"))
+    stats, plans, state = _head_run(temporal_mask_reuse(base, TMRConfig(epsilon=0.05, max_interval=2, pool_block=16,
+                                                                        granularity="head")),
+                                    lambda s: (q * (1 + 1e-4 * s), k), steps=3)
+    assert [r for _, r, _ in stats] == [0, 1, 0]
+    np.testing.assert_array_equal(plans[1].q_perm, plans[0].q_perm)
+    model = _model()
+    pol = xattention(XAttentionConfig(block_size=16, stride=4, threshold=0.5, backend="reference"))
+    outs = []
+    for tmr in (None, TMRConfig(epsilon=0.0, pool_block=16, granularity="head")):
+        den = sparse_attention(wan_denoiser(model), haste(pol, HasteConfig(tmr=tmr)))
+        outs.append(np.asarray(_loop(den, steps=4)[0]))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="granularity"):
+        TMRConfig(granularity="block")

@@ -229,7 +229,8 @@ ENTRY %main (x: f32[4]) -> f32[4] {
 
 def test_haste_xattention_under_the_mesh_matches_one_device():
     """HASTE (TMR + per-head thresholds) on XAttention on a data=2,seq=4 mesh: tokens are split
-    over seq and XLA partitions the sparse attention globally (not per-head Ulysses yet); the mask predictions,
+    over seq and XLA partitions the sparse attention globally (without `wrap=`; head-parallel Ulysses is
+    tests/test_parallel_sparse.py); the mask predictions,
     reuses, densities and latents equal the one-device run."""
     model = init_transformer(wan_tiny(num_attention_heads=4, attention_head_dim=8), seed=3)
     model.proj_out.kernel.set_value(jax.random.normal(jax.random.key(1), model.proj_out.kernel.shape) * 0.1)

@@ -239,14 +239,16 @@ def _check_seq(mesh, axis: str) -> int:
 
 
 def ulysses_attention(mesh: Mesh, inner: SelfAttention = dense_attention, *, axis: str = "seq",
-                      state_spec: Any = None) -> SelfAttention:
+                      state_spec: Any = None, split_batch: bool = True) -> SelfAttention:
     """Ulysses sequence parallelism around any self-attention `inner`.
 
     Tokens arrive split over `axis`; an all-to-all turns (all heads, N/P tokens) into (H/P heads, all tokens)
     on each device, `inner` runs there unchanged (dense, block-causal, a sparse policy: it sees whole
     sequences for its own heads), and a second all-to-all turns the output back. Needs heads % P == 0 and
     tokens % P == 0. `state_spec`: PartitionSpec prefix of `inner`'s per-layer state inside the shard_map
-    (e.g. P(None, "seq") for state kept per head on axis 1); default replicated.
+    (e.g. P(None, "seq") for state kept per head on axis 1); default replicated. split_batch: split the batch
+    over the free batch axes where it divides (each device then sees part of the batch); False keeps the whole
+    batch on every device, for an `inner` whose state or decisions span the batch (a sparse policy).
     """
     _check_seq(mesh, axis)
 
@@ -260,7 +262,7 @@ def ulysses_attention(mesh: Mesh, inner: SelfAttention = dense_attention, *, axi
                              f"divisible by {p}; allowed {axis} sizes: {ok} (or use ring_attention)")
         check_tokens(q.shape[1], m, axis, "Ulysses attention")
         check_tokens(k.shape[1], m, axis, "Ulysses attention")
-        b = batch_axes(m, q.shape[0])
+        b = batch_axes(m, q.shape[0]) if split_batch else None
         tok, frames = P(b, axis, None, None), P(b, None)
 
         def local(q, k, v, qf, kf, layer, ls):
@@ -277,6 +279,25 @@ def ulysses_attention(mesh: Mesh, inner: SelfAttention = dense_attention, *, axi
         return fn(q, k, v, info.q_frames, info.kv_frames, info.layer, layer_state)
 
     return attention
+
+
+@dataclasses.dataclass(frozen=True)
+class UlyssesHeads:
+    """Head parallelism by Ulysses for an attention with per-head state: `sparse_attention(den, policy,
+    wrap=UlyssesHeads(mesh))`. `wrap(inner, state_spec)` is `ulysses_attention(mesh, inner, axis=axis,
+    state_spec=state_spec, split_batch=False)`: after the all-to-all each device holds every token of
+    heads/P heads and the whole batch, and runs `inner` (prediction, sparse attention, state update) for those
+    heads with their slice of the per-layer state; `axis` tells `inner` where the other heads are (for the
+    cross-device reductions its decisions need)."""
+
+    mesh: Mesh
+    axis: str = "seq"
+
+    def __post_init__(self):
+        _check_seq(self.mesh, self.axis)
+
+    def __call__(self, inner: SelfAttention, state_spec: Any = None) -> SelfAttention:
+        return ulysses_attention(self.mesh, inner, axis=self.axis, state_spec=state_spec, split_batch=False)
 
 
 def ring_attention(mesh: Mesh, *, axis: str = "seq", q_chunk: int | None = None) -> SelfAttention:
@@ -509,4 +530,4 @@ __all__ = ["AXES", "FSDP", "PARAM_AXES", "UNSHARDED_STATES", "CFGContext", "Rule
            "cfg_parallel_denoiser", "check_shardable", "check_tokens", "constrain_batch",
            "constrain_tokens", "context_mesh", "initialize_distributed", "make_mesh", "mesh_options", "param_path",
            "param_shardings", "param_specs", "parse_mesh_spec", "ring_attention", "seq_parallel_attention",
-           "shard_params", "sharded_sample", "token_spec", "ulysses_attention", "unstack_branches"]
+           "shard_params", "sharded_sample", "token_spec", "ulysses_attention", "unstack_branches", "UlyssesHeads"]

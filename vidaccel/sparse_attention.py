@@ -17,6 +17,10 @@ The hook gives every layer its own policy state (stacked on a leading layer axis
 layer scan), its own row of per-head thresholds (`SparseState.thresholds`, (layers, heads), traced, so a
 calibrated table or a threshold sweep needs no recompilation) and its own work counters. Per-CFG-branch
 state comes from `sample()`, which calls each branch as a separate denoiser call with its own state.
+Under a device mesh, `sparse_attention(den, policy, wrap=UlyssesHeads(mesh))` (`vidaccel.parallel`) runs
+this per-layer attention head-parallel: each device predicts and applies the masks of its own heads with
+its heads' slice of the state (`Policy.state_head_axes`), reductions over heads going across devices
+(`AttnContext.head_axis`), so decisions and counters equal one device's (docs/parallel.md).
 Dense warm-up steps and dense layers are policy options; a dense call runs exact attention and skips the
 policy entirely (`lax.cond`).
 
@@ -39,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import PartitionSpec as P
 
 from vidaccel.attention import dense_attention
 from vidaccel.transforms import (
@@ -70,12 +75,39 @@ class AttnSpec:
 @struct.dataclass
 class AttnContext:
     """What a policy may read besides q, k, v and its state: the call's step (0-based, per CFG branch), the
-    layer index (both traced), this layer's per-head thresholds (H,) and the static sizes."""
+    layer index (both traced), this layer's per-head thresholds (H,) and the static sizes.
+
+    head_axis: None on one device; under head parallelism (`sparse_attention(..., wrap=)`, e.g. Ulysses) the
+    mesh axis this call's heads are split over: q, k, v, the thresholds and the per-head state then hold
+    only this device's heads (`spec` keeps the global sizes). A policy that reduces over heads to take a
+    decision reduces across devices too (`all_heads_max`, `all_heads_sum`, `all_heads_all`), so every
+    device decides as one device would."""
 
     step: jax.Array
     layer: jax.Array
     threshold: jax.Array
     spec: AttnSpec = struct.field(pytree_node=False)
+    head_axis: str | None = struct.field(pytree_node=False, default=None)
+
+
+def all_heads_max(x, ctx: AttnContext):
+    """`x` (already reduced over this device's heads) maxed over the devices holding the other heads."""
+    return x if ctx.head_axis is None else jax.lax.pmax(x, ctx.head_axis)
+
+
+def all_heads_sum(x, ctx: AttnContext):
+    """`x` (already summed over this device's heads) summed over the devices holding the other heads."""
+    return x if ctx.head_axis is None else jax.lax.psum(x, ctx.head_axis)
+
+
+def all_heads_all(x, ctx: AttnContext):
+    """Boolean `x` (already all() over this device's heads) and-ed over the devices holding the others."""
+    return x if ctx.head_axis is None else jax.lax.pmin(x.astype(jnp.int32), ctx.head_axis).astype(bool)
+
+
+def head_offset(ctx: AttnContext, local_heads: int):
+    """Global index of this device's first head (0 on one device): for per-head draws that must match."""
+    return 0 if ctx.head_axis is None else jax.lax.axis_index(ctx.head_axis) * local_heads
 
 
 @struct.dataclass
@@ -140,6 +172,9 @@ class Policy:
     thresholds: default per-head thresholds: a float, a (heads,) or a (layers, heads) sequence.
     dense_steps(num_steps) -> how many first steps run dense; dense_layers(num_layers) -> layer indices.
     tiles_dense(spec) -> kernel tiles a dense call would take per head (for the tile ratio).
+    state_head_axes(spec) -> for one layer's state (no layer axis), a pytree of its structure (or a prefix of
+    it) giving each leaf's head axis (int) or None (the same on every device); None (the field) = unknown:
+    the policy then runs head-parallel only if its state has no leaves. Used by `sparse_attention(wrap=)`.
     """
 
     name: str
@@ -150,6 +185,7 @@ class Policy:
     dense_steps: Callable[[int], int]
     dense_layers: Callable[[int], tuple[int, ...]]
     tiles_dense: Callable[[AttnSpec], float]
+    state_head_axes: Callable[[AttnSpec], Any] | None = None
 
 
 @struct.dataclass
@@ -188,11 +224,43 @@ def check_dense_layers(layers, num_layers: int, name: str = "dense_layers") -> t
     return out
 
 
-def sparse_attention(den: Denoiser, policy: Policy) -> Denoiser:
+def head_state_specs(policy: Policy, spec: AttnSpec, layer_state, axis: str):
+    """PartitionSpecs for one layer's policy state (no layer axis) with its head axes split over `axis`, from
+    `policy.state_head_axes`; `layer_state` (shapes suffice) is checked against them."""
+    leaves = jax.tree.leaves(layer_state)
+    if policy.state_head_axes is None:
+        if leaves:
+            raise ValueError(f"{policy.name!r} cannot run head-parallel (sparse_attention(wrap=...)): its policy "
+                             "declares no state_head_axes, so its per-layer state cannot be split over heads")
+        return jax.tree.map(lambda _: P(), layer_state)
+    axes = policy.state_head_axes(spec)
+
+    def one(a, sub):
+        if a is None:
+            return P()
+        for leaf in jax.tree.leaves(sub):
+            shape = jnp.shape(leaf)
+            if not (isinstance(a, int) and 0 <= a < len(shape) and shape[a] == spec.heads):
+                raise ValueError(f"{policy.name!r}: state_head_axes gives head axis {a!r} for a state leaf of "
+                                 f"shape {shape}, which does not hold the {spec.heads} heads there")
+        return P(*([None] * a), axis)
+
+    return jax.tree.map(one, axes, layer_state, is_leaf=lambda x: x is None)
+
+
+def sparse_attention(den: Denoiser, policy: Policy, wrap=None) -> Denoiser:
     """`den` with every self-attention run by `policy` (dense during warm-up steps and in dense layers).
 
     `den` must be a staged bidirectional Wan denoiser (`wan_denoiser(model)`); the result is staged too, so
     step-level methods (TeaCache) can wrap it. AR chunk denoisers and block-causal models are refused.
+
+    wrap: None (one device, or XLA partitions the attention globally under a mesh), or head parallelism such
+    as `vidaccel.parallel.UlyssesHeads(mesh)`: an object with `axis` (the mesh axis heads are split over)
+    that `wrap(inner, state_spec)` turns a per-device attention into a self-attention. Each device then
+    predicts and applies the masks of its own heads: the policy state, thresholds and per-head counters
+    are split over heads by `policy.state_head_axes`, reductions over heads in a policy's decisions go
+    across devices (`AttnContext.head_axis`) and the prediction / check FLOPs are summed over devices, so
+    decisions and counters equal one device's.
     """
     if not isinstance(policy, Policy):
         raise TypeError(f"sparse_attention needs a Policy (e.g. xattention(cfg)), got {type(policy).__name__}")
@@ -202,6 +270,10 @@ def sparse_attention(den: Denoiser, policy: Policy) -> Denoiser:
     if den.commit is not None:
         raise ValueError("sparse_attention supports bidirectional text-to-video denoisers; AR chunk denoisers "
                          "(with a KV cache) are not supported")
+    if wrap is not None and not (callable(wrap) and isinstance(getattr(wrap, "axis", None), str)):
+        raise TypeError(f"sparse_attention(wrap=...) needs head parallelism with an `axis` (e.g. "
+                        f"vidaccel.parallel.UlyssesHeads(mesh)), got {wrap!r}")
+    head_axis = None if wrap is None else wrap.axis
     cfg = den.config
     if cfg.num_frame_per_block > 1:
         raise ValueError(f"sparse_attention supports bidirectional attention only; this model has "
@@ -220,7 +292,11 @@ def sparse_attention(den: Denoiser, policy: Policy) -> Denoiser:
         dense_steps = int(policy.dense_steps(spec.num_steps))
         if dense_steps < 0:
             raise ValueError(f"{policy.name}: dense_steps({spec.num_steps}) = {dense_steps}; must be >= 0")
-        return SparseState(inner, jnp.zeros((), jnp.int32), policy.init(aspec),
+        pstate = policy.init(aspec)
+        if wrap is not None:            # fail at init, not deep in the trace
+            head_state_specs(policy, aspec, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                                                         pstate), head_axis)
+        return SparseState(inner, jnp.zeros((), jnp.int32), pstate,
                            SparseCounters.zero(num_layers, heads), jnp.asarray(table0), aspec)
 
     def embed(params, state: SparseState, x, t, context):
@@ -235,8 +311,8 @@ def sparse_attention(den: Denoiser, policy: Policy) -> Denoiser:
         dense_layers = jnp.asarray(dense_layer_mask)
 
         def attention(q, k, v, info, layer_state):
-            pstate, counters, thr = layer_state
-            ctx = AttnContext(step=step, layer=info.layer, threshold=thr, spec=aspec)
+            pstate, counters, thr, step = layer_state   # the step rides along (no tracer closed over a shard_map)
+            ctx = AttnContext(step=step, layer=info.layer, threshold=thr, spec=aspec, head_axis=head_axis)
 
             def run_dense(_):
                 out, _ = dense_attention(q, k, v, info)
@@ -245,20 +321,30 @@ def sparse_attention(den: Denoiser, policy: Policy) -> Denoiser:
             def run_sparse(_):
                 plan, ps, stats = policy.predict(q, k, pstate, ctx)
                 out = policy.attend(q, k, v, plan, ctx).astype(q.dtype)
+                if head_axis is not None:       # each device spent its heads' share
+                    stats = stats.replace(estimate_flops=jax.lax.psum(stats.estimate_flops, head_axis),
+                                          check_flops=jax.lax.psum(stats.check_flops, head_axis))
                 return out, ps, counters.sparse_call(plan, stats, tiles_dense)
 
             is_dense = (step < n_dense) | dense_layers[info.layer]
             out, pstate, counters = jax.lax.cond(is_dense, run_dense, run_sparse, None)
-            return out, (pstate, counters, thr)
+            return out, (pstate, counters, thr, step)
 
+        if wrap is not None:
+            one_layer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state.policy)
+            h = P(head_axis)
+            cspec = SparseCounters(P(), P(), P(), P(), h, h, P(), P(), P())
+            attention = wrap(attention, (head_state_specs(policy, aspec, one_layer, head_axis), cspec, h, P()))
         model = nnx.merge(den.graphdef, params)
-        tokens, (pstate, counters, _) = model.blocks(
-            emb, attention=attention, layer_state=(state.policy, state.counters, state.thresholds))
+        steps = jnp.full((num_layers,), step, jnp.int32)
+        tokens, (pstate, counters, _, _) = model.blocks(
+            emb, attention=attention, layer_state=(state.policy, state.counters, state.thresholds, steps))
         inner = add_work(state.inner, block_passes=1, token_layers=emb.tokens.shape[1] * num_layers)
         return tokens, state.replace(inner=inner, policy=pstate, counters=counters)
 
     stages = Stages(embed, blocks, st.head)
-    return wrap_denoiser(den, init=init, apply=staged_apply(stages), name=f"sparse[{policy.name}]", stages=stages)
+    name = f"sparse[{policy.name}]" if wrap is None else f"sparse[{policy.name}]@heads/{head_axis}"
+    return wrap_denoiser(den, init=init, apply=staged_apply(stages), name=name, stages=stages)
 
 
 def find_sparse_state(state) -> SparseState:
@@ -317,4 +403,5 @@ def sparse_summary(state) -> dict:
 
 __all__ = ["AttnSpec", "AttnContext", "PredictStats", "SparseCounters", "Policy",
            "SparseState", "threshold_table", "check_dense_layers", "sparse_attention", "find_sparse_state",
-           "with_thresholds", "sparse_summary"]
+           "with_thresholds", "sparse_summary", "all_heads_max", "all_heads_sum", "all_heads_all", "head_offset",
+           "head_state_specs"]

@@ -24,16 +24,20 @@ from experiments.haste.ebc import (
 )
 from experiments.haste.tmr import (
     DRIFTS,
+    GRANULARITIES,
     TRIGGERS,
     TMRConfig,
     TMRState,
     drift,
+    head_reuse_counts,
     pool_blocks,
     reuse_decision,
+    reuse_decision_per_head,
+    select_heads,
     temporal_mask_reuse,
 )
 
-__all__ = ["TMRConfig", "TMRState", "DRIFTS", "TRIGGERS", "temporal_mask_reuse", "pool_blocks", "drift",
-           "reuse_decision", "SOLVERS", "solve_dp", "solve_lagrangian", "solve_budget", "EBCConfig", "EBCTable",
-           "load_ebc_table", "calibration_steps", "dense_trajectory", "measure_ebc", "calibrate_ebc", "HasteConfig",
-           "haste"]
+__all__ = ["TMRConfig", "TMRState", "DRIFTS", "TRIGGERS", "GRANULARITIES", "temporal_mask_reuse", "pool_blocks",
+           "drift", "reuse_decision", "reuse_decision_per_head", "select_heads", "head_reuse_counts", "SOLVERS",
+           "solve_dp", "solve_lagrangian", "solve_budget", "EBCConfig", "EBCTable", "load_ebc_table",
+           "calibration_steps", "dense_trajectory", "measure_ebc", "calibrate_ebc", "HasteConfig", "haste"]

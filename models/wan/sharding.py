@@ -14,7 +14,8 @@ from jax.sharding import Mesh
 
 from models.wan.denoiser import wan_denoiser
 from models.wan.transformer import Embedded, WanTransformer
-from vidaccel.parallel import FSDP, constrain_batch, constrain_tokens, seq_parallel_attention
+from vidaccel.parallel import FSDP, UlyssesHeads, constrain_batch, constrain_tokens, seq_parallel_attention
+from vidaccel.sparse_attention import Policy, sparse_attention
 from vidaccel.transforms import Denoiser, Stages, staged_apply
 
 WAN_RULES = (
@@ -60,4 +61,12 @@ def parallel_wan_denoiser(model: WanTransformer, mesh: Mesh, *, attention: str =
     return dataclasses.replace(den, stages=stages, apply=staged_apply(stages), name=f"{attention}({den.name})")
 
 
-__all__ = ["WAN_RULES", "constrain_embedded", "parallel_wan_denoiser"]
+def parallel_sparse_denoiser(model: WanTransformer, mesh: Mesh, policy: Policy, *, axis: str = "seq") -> Denoiser:
+    """The Wan denoiser on `mesh` with self-attention run by a sparse `policy` head-parallel under Ulysses:
+    `sparse_attention(parallel_wan_denoiser(model, mesh), policy, wrap=UlyssesHeads(mesh, axis))`. Each
+    device predicts and applies the masks of its heads (see docs/parallel.md)."""
+    return sparse_attention(parallel_wan_denoiser(model, mesh, attention="ulysses", axis=axis), policy,
+                            wrap=UlyssesHeads(mesh, axis))
+
+
+__all__ = ["WAN_RULES", "constrain_embedded", "parallel_sparse_denoiser", "parallel_wan_denoiser"]
