@@ -65,17 +65,19 @@ def mc_fraction(model, setup, rollout_config, frames: int, thresh: float, poly: 
 
 
 def choose_mc_threshold(fraction_of, target: float, start: float, log, *, iters: int = 6,
-                        tol: float = 0.02) -> tuple[float, float]:
+                        tol: float = 0.02, label: str = "MotionCache",
+                        unit: str = "the dense tokens") -> tuple[float, float]:
     """The threshold whose selected fraction is closest to `target` (the fraction falls as the threshold
     grows): from `start`, step by 4x until the target is bracketed or the fraction stops moving (a warm-up
     floor or a full-compute ceiling), then bisect in log-threshold until within `tol`. `fraction_of(thresh)`
-    runs MotionCache; each threshold is evaluated once."""
+    runs the method (MotionCache here; any cache in `experiments.async_cache_table`, whose log lines `label`
+    and `unit` name); each threshold is evaluated once."""
     seen: dict[float, float] = {}
 
     def f(t):
         if t not in seen:
             seen[t] = fraction_of(t)
-            log(f"    MotionCache thresh {t:.4g}: {seen[t]:.3f} of the dense tokens")
+            log(f"    {label} thresh {t:.4g}: {seen[t]:.3f} of {unit}")
         return seen[t]
 
     def done():
