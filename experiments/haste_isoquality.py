@@ -34,17 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.harness import CompiledRunner, machine, markdown_table, plot_or_skip, pyplot, write_results
+from experiments.harness import machine, markdown_table, plot_or_skip, pyplot, write_results
 from experiments.haste import TMRConfig, head_reuse_counts, load_ebc_table
 from experiments.shapes_presets import SHAPES_BASES, SHAPES_TMR, ebc_file
 from experiments.sparse_report import BACKEND_NOTE, BASE_LABEL, timing_noise
-from experiments.sparse_table import denoiser_for, fidelity
-from models.shapes import encode_prompts, sample_prompts
-from models.shapes.pretrained import latent_noise, load_shapes_model, training_info
-from models.wan.denoiser import wan_denoiser
+from experiments.sparse_table import denoiser_for, fidelity, heldout_dense_run
+from models.shapes.pretrained import training_info
 from vidaccel.attention import BACKENDS, resolve_backend
 from vidaccel.checks import choice_arg, float_arg, int_arg
-from vidaccel.solvers import unipc
 from vidaccel.sparse_attention import sparse_summary
 
 GRANULARITY_LABEL = {"layer": "HASTE (per-layer TMR)", "head": "HASTE (per-head TMR)"}
@@ -169,12 +166,7 @@ def run_isoquality(cfg: IsoConfig, out_dir: Path, log=print) -> dict:
     """Run the whole comparison and write isoquality.{json,md,png} to `out_dir`; returns the report."""
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    model = load_shapes_model("t2v")
-    prompts = sample_prompts(cfg.prompts, cfg.seed, "heldout")
-    runner = CompiledRunner(latent_noise(len(prompts), cfg.seed), encode_prompts(prompts), solver=unipc(cfg.steps),
-                            guidance=cfg.guidance)
-    log(f"[dense] {cfg.prompts} held-out prompts, UniPC {cfg.steps}, CFG {cfg.guidance}")
-    dense = runner.run("dense", wan_denoiser(model))
+    model, prompts, runner, dense = heldout_dense_run(cfg, log)
     rows = [{"base": "dense", "variant": "dense", "tau": None, "job": dense.job}]
     L, H = model.cfg.num_layers, model.cfg.num_attention_heads
     grids = {}

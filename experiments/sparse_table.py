@@ -252,17 +252,22 @@ def add_timings(rows: list[dict], times: list[list[float]], stages: dict) -> Non
         r["prediction_time_share"] = pred / (pred + st["attend"])
 
 
-def run_table(cfg: TableConfig, out_dir: Path, log=print) -> dict:
-    """Run the whole table and write its files to `out_dir`; returns the report."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
+def heldout_dense_run(cfg, log=print):
+    """The t2v model, `cfg.prompts` held-out prompts, a compiled runner for them (UniPC `cfg.steps`, CFG
+    `cfg.guidance`) and its dense run: what every sparse-attention command compares against."""
     model = load_shapes_model("t2v")
     prompts = sample_prompts(cfg.prompts, cfg.seed, "heldout")
     runner = CompiledRunner(latent_noise(len(prompts), cfg.seed), encode_prompts(prompts), solver=unipc(cfg.steps),
                             guidance=cfg.guidance)
+    log(f"[dense] {cfg.prompts} held-out prompts, UniPC {cfg.steps}, CFG {cfg.guidance}")
+    return model, prompts, runner, runner.run("dense", wan_denoiser(model))
 
-    log(f"[dense] {cfg.prompts} prompts, UniPC {cfg.steps}, CFG {cfg.guidance}")
-    dense = runner.run("dense", wan_denoiser(model))
+
+def run_table(cfg: TableConfig, out_dir: Path, log=print) -> dict:
+    """Run the whole table and write its files to `out_dir`; returns the report."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    model, prompts, runner, dense = heldout_dense_run(cfg, log)
     rows = [{"base": "dense", "variant": "dense", "threshold": None, "job": dense.job,
              "compile_seconds": dense.compile_seconds,
              "adherence": fidelity(dense.latents, dense.latents, prompts)["adherence"],
