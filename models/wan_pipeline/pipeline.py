@@ -14,6 +14,7 @@ dense `Denoiser` to an accelerated one (e.g. `lambda den: teacache(den, cfg)`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from pathlib import Path
@@ -55,6 +56,12 @@ class Pipeline:
     @property
     def kind(self) -> str:
         return self.folder.kind
+
+    @functools.cached_property
+    def dense_denoiser(self) -> Denoiser:
+        """The dense (T2V) or vanilla (DF) denoiser, built once: the compiled sampler is keyed on the denoiser
+        object, so repeated `generate` calls with the default reuse one compilation instead of recompiling."""
+        return (df_window_denoiser if self.kind == "diffusion_forcing" else wan_denoiser)(self.transformer)
 
 
 @dataclasses.dataclass
@@ -256,7 +263,7 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
         raise ValueError(f"latents have shape {tuple(latents.shape)}; {frames} frames at {height}x{width} for "
                          f"{len(prompts)} prompt(s) need {shape}")
     if denoiser is None:
-        denoiser = (df_window_denoiser if df else wan_denoiser)(pipe.transformer)
+        denoiser = pipe.dense_denoiser
     elif not isinstance(denoiser, Denoiser):
         raise TypeError(f"denoiser must be a Denoiser (or None for dense), got {type(denoiser).__name__}")
     seconds = {}
