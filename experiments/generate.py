@@ -15,6 +15,11 @@ The methods and their defaults (the papers' settings for Wan2.1 / SkyReels-V2):
   `python -m experiments.haste`).
 - flowcache / motioncache (SkyReels-V2 DF folders): per-chunk execution against the window's K/V buffer,
   FlowCache-SkyReels at its "slow" threshold 0.1, MotionCache at its code default 0.1.
+
+On a device mesh (`--mesh fsdp=4,seq=2`, sizes multiplying to the device count; `--attention ulysses|ring`)
+every part's weights are sharded by its rules and the methods wrap the sequence-parallel denoiser: dense and
+teacache on every folder (DF: whole windows), haste-* head-parallel under Ulysses; flowcache and motioncache
+(per-chunk K/V buffers) are refused.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from experiments.svg2 import svg2
 from experiments.teacache import WAN21_COEFFICIENTS, teacache, wan21_teacache
 from experiments.video_files import FORMATS, write_video
 from experiments.xattention import xattention
-from models.wan.denoiser import wan_denoiser
+from models.wan.sharding import parallel_sparse_denoiser
 from models.wan_pipeline import Pipeline, df_windows, generate, latent_frames, load_pipeline, with_causal_block_size
 from vidaccel.checks import choice_arg, optional_float_arg
 from vidaccel.sparse_attention import sparse_attention
@@ -54,10 +59,12 @@ def _teacache_size(pipe: Pipeline) -> tuple[str, float]:
 
 
 def method_denoiser(pipe: Pipeline, method: str, threshold: float | None = None, *,
-                    window_frames: int | None = None) -> tuple[Denoiser | None, str]:
+                    window_frames: int | None = None, attention: str = "ulysses") -> tuple[Denoiser | None, str]:
     """(denoiser, execution) of `method` over the pipeline's transformer, for `generate(denoiser=...,
     execution=...)`; (None, "window") for dense. window_frames: latent frames of a DF window (per-chunk
-    methods size their K/V buffer by it; default: the whole video, given by the caller)."""
+    methods size their K/V buffer by it; default: the whole video, given by the caller). For a pipeline on a
+    mesh (`pipe.on_mesh`) T2V methods wrap `pipe.parallel_denoiser(attention)`; HASTE runs head-parallel
+    (`parallel_sparse_denoiser`), which needs Ulysses."""
     allowed = DIFFUSION_FORCING_METHODS if pipe.kind == "diffusion_forcing" else T2V_METHODS
     choice_arg("method", method, METHODS)
     if method not in allowed:
@@ -79,10 +86,15 @@ def method_denoiser(pipe: Pipeline, method: str, threshold: float | None = None,
                          coefficients=WAN21_COEFFICIENTS[(size, True)])
     if method == "teacache":
         size, default = _teacache_size(pipe)
-        return teacache(wan_denoiser(pipe.transformer),
-                        wan21_teacache(size, default if threshold is None else threshold)), "window"
-    base = xattention() if method == "haste-xattention" else svg2()
-    return sparse_attention(wan_denoiser(pipe.transformer), haste(base)), "window"
+        den = pipe.dense_denoiser if pipe.mesh is None else pipe.parallel_denoiser(attention)
+        return teacache(den, wan21_teacache(size, default if threshold is None else threshold)), "window"
+    policy = haste(xattention() if method == "haste-xattention" else svg2())
+    if pipe.mesh is None:
+        return sparse_attention(pipe.dense_denoiser, policy), "window"
+    if attention != "ulysses":
+        raise ValueError(f"{method} on a mesh runs head-parallel under Ulysses (each device predicts the masks of "
+                         f"its heads); attention={attention!r} is not supported for it, use 'ulysses'")
+    return parallel_sparse_denoiser(pipe.transformer, pipe.mesh, policy), "window"
 
 
 DF_FLAGS = ("ar_step", "causal_block_size", "base_frames", "overlap_history", "addnoise_condition")
@@ -118,6 +130,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base-frames", type=int, default=None, help="frames of one window (long videos)")
     g.add_argument("--overlap-history", type=int, default=None, help="frames consecutive windows share")
     g.add_argument("--addnoise-condition", type=float, default=0.0, help="prefix re-noising (SkyReels: 20)")
+    g = p.add_argument_group("device mesh (docs/parallel.md)")
+    g.add_argument("--mesh", default=None,
+                   help="run on a mesh, e.g. 'fsdp=4,seq=2' (axes data, fsdp, seq; sizes multiply to the device "
+                        "count): weights sharded by their rules, denoising sequence-parallel")
+    g.add_argument("--attention", default=None, choices=["ulysses", "ring"],
+                   help="sequence-parallel self-attention on the mesh (default ulysses; ring takes any head count)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="text encoder and transformer dtype (the VAE runs in float32)")
     p.add_argument("--cache-dir", default=None, help="Orbax cache of the converted transformer (fast second start)")
@@ -131,7 +149,12 @@ def run(args: argparse.Namespace) -> dict:
     if out.suffix.lower() not in FORMATS:
         raise ValueError(f"--out {out}: the file must end in one of {FORMATS}")
     width, height = parse_size(args.size)
+    if args.attention is not None and args.mesh is None:
+        raise ValueError("--attention chooses the sequence-parallel attention of a mesh run; give --mesh too")
     pipe = load_pipeline(args.model, dtype=args.dtype, cache_dir=args.cache_dir)
+    if args.mesh is not None:
+        pipe = pipe.on_mesh(args.mesh)
+    attention = args.attention or "ulysses"
     df = {}
     if pipe.kind == "diffusion_forcing":
         if args.causal_block_size is not None:
@@ -146,12 +169,14 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError(f"{', '.join(given)}: diffusion-forcing options; {pipe.folder.class_name} folders "
                              "do not take them")
     den, execution = method_denoiser(pipe, args.method, args.threshold,
-                                     window_frames=window or latent_frames(pipe, args.frames))
+                                     window_frames=window or latent_frames(pipe, args.frames), attention=attention)
+    mesh = dict(mesh=pipe.mesh, attention=attention) if pipe.mesh is not None else {}
     result = generate(pipe, args.prompt, args.negative_prompt, frames=args.frames, height=height, width=width,
                       steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed,
-                      denoiser=den, execution=execution, progress=not args.json, **df)
+                      denoiser=den, execution=execution, progress=not args.json, **df, **mesh)
     write_video(out, result.frames[0], fps=args.fps)
-    return {"out": str(out), "method": args.method, "frames": int(result.frames.shape[1]),
+    return {"out": str(out), "method": args.method, "mesh": dict(pipe.mesh.shape) if pipe.mesh is not None else None,
+            "attention": attention if pipe.mesh is not None else None, "frames": int(result.frames.shape[1]),
             "size": [int(result.frames.shape[3]), int(result.frames.shape[2])],
             "seconds": {k: round(v, 3) for k, v in result.seconds.items()}, "work": result.work}
 
@@ -163,6 +188,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         secs = ", ".join(f"{k} {v:.2f} s" for k, v in report["seconds"].items())
         work = ", ".join(f"{k} {v}" for k, v in report["work"].items())
+        where = f", mesh {report['mesh']} ({report['attention']})" if report["mesh"] else ""
         print(f"wrote {report['out']}: {report['frames']} frames {report['size'][0]}x{report['size'][1]}, "
-              f"method {report['method']}\n  time: {secs}\n  work: {work}")
+              f"method {report['method']}{where}\n  time: {secs}\n  work: {work}")
     return 0

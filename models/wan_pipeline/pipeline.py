@@ -7,12 +7,17 @@
 The loop is the diffusers `WanPipeline`'s: prompts cleaned and encoded to 512 tokens (zeros past each prompt's
 length), Gaussian latents (B, 1 + (F-1)/4, H/8, W/8, C), the folder's flow-matching scheduler with CFG (one
 conditional and one unconditional call per step), then latents de-normalised with the VAE's statistics and
-decoded. It runs through `vidaccel.sampling.sample`, so any method is one `transform` away: `transform` maps the
-dense `Denoiser` to an accelerated one (e.g. `lambda den: teacache(den, cfg)`).
+decoded. It runs through `vidaccel.sampling.sample`, so any method is one `denoiser` away (a `Denoiser` over the
+transformer with the method applied, e.g. `teacache(wan_denoiser(pipe.transformer), cfg)`).
+
+On a device mesh (`generate(..., mesh="fsdp=4,seq=2")`, `docs/parallel.md`) every part's weights are placed by
+its rules (`UMT5_RULES`, `WAN_RULES`, `VAE_RULES`) and the denoising runs sequence-parallel
+(`parallel_wan_denoiser`) through `sharded_sample` (T2V) or `df_sample` under the mesh (DF, whole windows).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -24,19 +29,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from models.ar.diffusion_forcing import df_sample, df_work
-from models.ar.window import df_window_denoiser
+from models.ar.window import df_window_denoiser, has_df_state
 from models.umt5 import UMT5Encoder, encode_prompts, load_tokenizer, load_umt5
+from models.umt5.sharding import UMT5_RULES
 from models.wan.denoiser import wan_denoiser
 from models.wan.loader import load_transformer
+from models.wan.sharding import WAN_RULES, parallel_wan_denoiser
 from models.wan.transformer import WanTransformer, abstract_transformer
 from models.wan_pipeline.folder import PipelineFolder, read_pipeline_folder
 from models.wan_vae import WanVAE, denormalize_latents, load_wan_vae
+from models.wan_vae.sharding import VAE_RULES
 from vidaccel.checks import choice_arg, float_arg, int_arg
+from vidaccel.parallel import AXES, SEQ_ATTENTION, check_shardable, make_mesh, shard_params, sharded_sample
 from vidaccel.sampling import sample
 from vidaccel.solvers import euler, unipc
-from vidaccel.transforms import Denoiser, total_work
+from vidaccel.transforms import Denoiser, DenoiseSpec, branch_states, total_work
 
 log = logging.getLogger(__name__)
 DTYPES = ("bfloat16", "float32")
@@ -44,7 +54,8 @@ DTYPES = ("bfloat16", "float32")
 
 @dataclasses.dataclass
 class Pipeline:
-    """The loaded parts of a pipeline folder and its scheduler settings."""
+    """The loaded parts of a pipeline folder and its scheduler settings; `mesh`: the device mesh the parts'
+    weights are placed on (set by `on_mesh`), None on one device."""
 
     folder: PipelineFolder
     tokenizer: Any
@@ -52,6 +63,8 @@ class Pipeline:
     transformer: WanTransformer
     vae: WanVAE
     dtype: str
+    mesh: Mesh | None = None
+    _built: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def kind(self) -> str:
@@ -60,8 +73,51 @@ class Pipeline:
     @functools.cached_property
     def dense_denoiser(self) -> Denoiser:
         """The dense (T2V) or vanilla (DF) denoiser, built once: the compiled sampler is keyed on the denoiser
-        object, so repeated `generate` calls with the default reuse one compilation instead of recompiling."""
+        object, so repeated `generate` calls with the default reuse one compilation instead of recompiling.
+        On a mesh `generate` runs `parallel_denoiser` instead."""
         return (df_window_denoiser if self.kind == "diffusion_forcing" else wan_denoiser)(self.transformer)
+
+    def on_mesh(self, mesh: Mesh | str) -> Pipeline:
+        """This pipeline with the text encoder's, transformer's and VAE's weights placed on `mesh` (a Mesh or a
+        `make_mesh` spec over all devices) by `UMT5_RULES`, `WAN_RULES` and `VAE_RULES`. Made once per mesh and
+        kept, so repeated `generate` calls reuse the placed weights and the compiled sampler."""
+        mesh = as_mesh(mesh)
+        if mesh == self.mesh:
+            return self
+        if ("mesh", mesh) not in self._built:
+            self._built["mesh", mesh] = dataclasses.replace(
+                self, text_encoder=_placed(self.text_encoder, mesh, UMT5_RULES),
+                transformer=_placed(self.transformer, mesh, WAN_RULES), vae=_placed(self.vae, mesh, VAE_RULES),
+                mesh=mesh)
+        return self._built["mesh", mesh]
+
+    def parallel_denoiser(self, attention: str = "ulysses") -> Denoiser:
+        """The dense denoiser on this pipeline's mesh with "ulysses" or "ring" sequence-parallel self-attention
+        (`parallel_wan_denoiser`; DF folders run it whole-window by `df_sample`), built once per attention."""
+        if self.mesh is None:
+            raise ValueError("parallel_denoiser needs the pipeline on a mesh: call pipe.on_mesh(mesh) first")
+        choice_arg("attention", attention, tuple(SEQ_ATTENTION))
+        if ("denoiser", attention) not in self._built:
+            self._built["denoiser", attention] = parallel_wan_denoiser(self.transformer, self.mesh,
+                                                                      attention=attention)
+        return self._built["denoiser", attention]
+
+
+def as_mesh(mesh: Mesh | str) -> Mesh:
+    """`mesh` itself when it is a vidaccel (data, fsdp, seq) Mesh; a spec string gives `make_mesh(spec)` over all
+    devices (its error names the shapes that fit the device count)."""
+    if isinstance(mesh, str):
+        return make_mesh(mesh)
+    if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != AXES:
+        raise ValueError(f"mesh must be a spec like 'fsdp=4,seq=2' or a jax Mesh with axes {AXES} "
+                         f"(vidaccel.parallel.make_mesh); got {mesh!r}")
+    return mesh
+
+
+def _placed(module: nnx.Module, mesh: Mesh, rules) -> nnx.Module:
+    """A copy of `module` with its weights placed on `mesh` by `rules` (strict: every parameter named)."""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, shard_params(state, mesh, rules))
 
 
 @dataclasses.dataclass
@@ -223,7 +279,8 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
              shift: float | None = None, seed: int = 0, latents: jax.Array | None = None,
              denoiser: Denoiser | None = None, execution: str = "window", ar_step: int = 0,
              base_frames: int | None = None, overlap_history: int | None = None, addnoise_condition: float = 0.0,
-             output: str = "uint8", progress: bool = True, max_length: int = 512) -> GenerateOutput:
+             output: str = "uint8", progress: bool = True, max_length: int = 512, mesh: Mesh | str | None = None,
+             attention: str | None = None) -> GenerateOutput:
     """Generate videos for `prompt` (one or a list), as the diffusers Wan / SkyReels-V2 DF pipelines do.
 
     frames: 4k+1; height, width: multiples of 16. shift: the flow shift (default: the folder's scheduler).
@@ -237,6 +294,12 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
     the overlap of consecutive windows, for long videos), addnoise_condition (the prefix re-noising, 0 = off).
     The block size is the transformer's (`with_causal_block_size`).
     output: 'uint8' or 'float' ([0, 1]). progress: print each stage and a bar over the denoising steps.
+    mesh: run on a device mesh (a Mesh or a spec like "fsdp=4,seq=2" over all devices): the parts' weights are
+    placed by their rules (`Pipeline.on_mesh`), prompts encoded and latents decoded with them, the denoising
+    run by `sharded_sample` (T2V; CFG-parallel when data=2) or `df_sample` under the mesh (DF, whole-window
+    execution only). attention: "ulysses" (default) or "ring", the sequence-parallel self-attention of the
+    default denoiser; a given `denoiser` should be built over `pipe.on_mesh(mesh)` (e.g. by
+    `experiments.generate.method_denoiser`), and one that cannot run sharded is refused by `check_shardable`.
     """
     choice_arg("output", output, ("uint8", "float"))
     choice_arg("execution", execution, ("window", "chunks"))
@@ -247,6 +310,16 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
                    or execution != "window"):
         raise ValueError("ar_step, base_frames, overlap_history, addnoise_condition and execution='chunks' are "
                          f"diffusion-forcing options; {pipe.folder.class_name} folders do not take them")
+    if mesh is None and attention is not None:
+        raise ValueError(f"attention={attention!r} chooses the sequence-parallel attention of a mesh run; pass "
+                         "mesh= too (on one device the model's own attention runs)")
+    if mesh is not None:
+        pipe = pipe.on_mesh(mesh)
+        attention = choice_arg("attention", "ulysses" if attention is None else attention, tuple(SEQ_ATTENTION))
+        if execution == "chunks":
+            raise ValueError("execution='chunks' (FlowCache, MotionCache) cannot run on a mesh: the per-window K/V "
+                             "buffer is not split over devices; on a mesh DF folders run whole windows "
+                             "(execution='window': dense or teacache)")
     prompts = _prompt_list("prompt", prompt, None)
     negatives = _prompt_list("negative_prompt", negative_prompt, len(prompts))
     lat_shape = check_video_size(pipe, frames, height, width)
@@ -263,7 +336,7 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
         raise ValueError(f"latents have shape {tuple(latents.shape)}; {frames} frames at {height}x{width} for "
                          f"{len(prompts)} prompt(s) need {shape}")
     if denoiser is None:
-        denoiser = pipe.dense_denoiser
+        denoiser = pipe.dense_denoiser if pipe.mesh is None else pipe.parallel_denoiser(attention)
     elif not isinstance(denoiser, Denoiser):
         raise TypeError(f"denoiser must be a Denoiser (or None for dense), got {type(denoiser).__name__}")
     seconds = {}
@@ -282,18 +355,36 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
     cond, neg = (context[:len(prompts)], context[len(prompts):]) if guided else (context, None)
     bar = "denoising" if progress else False
     common = dict(solver=solver, guidance=guidance if guided else None, negative_context=neg, progress=bar)
+    x0 = latents.astype(jnp.float32)
+    params = None
+    if pipe.mesh is not None:   # a no-op for a denoiser over pipe.on_mesh(mesh)'s transformer; places any other
+        params = shard_params(denoiser.params, pipe.mesh, WAN_RULES)
+    spec = DenoiseSpec(jax.ShapeDtypeStruct(x0.shape, x0.dtype), jax.ShapeDtypeStruct(cond.shape, cond.dtype), steps)
     if df:
+        if pipe.mesh is not None:
+            check_shardable(denoiser, spec)
+
         def run():
-            return df_sample(denoiser, latents.astype(jnp.float32), cond, ar_step=ar_step, window_frames=window,
-                             overlap_frames=overlap, addnoise_condition=addnoise_condition,
-                             noise_key=key_renoise if addnoise_condition and overlap else None,
-                             execution=execution, **common)
+            with jax.set_mesh(pipe.mesh) if pipe.mesh is not None else contextlib.nullcontext():
+                return df_sample(denoiser, x0, cond, ar_step=ar_step, window_frames=window, overlap_frames=overlap,
+                                 addnoise_condition=addnoise_condition,
+                                 noise_key=key_renoise if addnoise_condition and overlap else None,
+                                 execution=execution, params=params, **common)
+    elif pipe.mesh is not None:
+        # sharded_sample compiles with its own in_shardings, and a device array placed otherwise (the encoder's
+        # output comes split over d_model) is refused rather than moved: the contexts go in as host arrays.
+        common["negative_context"] = None if neg is None else np.asarray(neg)
+
+        def run():
+            return sharded_sample(denoiser, params, x0, np.asarray(cond), mesh=pipe.mesh, **common)
     else:
         def run():
-            return sample(denoiser, None, latents.astype(jnp.float32), cond, **common)
+            return sample(denoiser, None, x0, cond, **common)
     result = stage("denoise", run)
     video = stage("decode", lambda: decode(pipe, result.latents))
     frames_out = to_uint8(video) if output == "uint8" else np.asarray(video)
     # Counters summed over CFG branches (and a DF run's windows and chunks; attn_pairs: attended query-key pairs).
     work = {k: int(v) for k, v in df_work(result.state).items()} if df else total_work(result.state)
+    if df and not any(has_df_state(s) for s in branch_states(result.state)):
+        del work["attn_pairs"]      # a denoiser without DFState (the parallel one) does not count them
     return GenerateOutput(frames_out, result.latents, seconds, work)
