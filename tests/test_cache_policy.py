@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.cache_policy import learn_policy
-from experiments.cache_policy.__main__ import uniform_schedule
+from experiments.cache_policy import learn_policy, uniform_schedule
 from vidaccel.relaxed import ScheduleRule, hard_schedule, top_k_schedule
 
 
@@ -30,6 +29,8 @@ def test_uniform_schedule():
     ("schedule", 0.0, 0.5, "budget must be > 0.0"),
     ("schedule", 1.5, 0.5, "budget must be <= 1.0"),
     ("threshold", 0.5, 0.0, "temperature must be > 0.0"),
+    ("net", 1.5, 0.5, "budget must be <= 1.0"),
+    ("net", 0.5, -0.1, "temperature must be > 0.0"),
     ("layers", 0.5, 0.5, "kind='layers' is not allowed"),
 ])
 def test_learn_policy_errors(kind, budget, temperature, match):

@@ -16,7 +16,7 @@ from vidaccel import relaxed as R
 from vidaccel.residual_cache import ResidualCacheConfig, schedule
 from vidaccel.sampling import sample
 from vidaccel.solvers import unipc
-from vidaccel.transforms import total_work
+from vidaccel.transforms import branch_states, total_work
 
 STEPS = 8
 SOLVER = unipc(STEPS)
@@ -152,3 +152,104 @@ def test_clear_errors(tiny):
         R.relaxed_sample(base, None, x, ctx, solver=SOLVER)
     with pytest.raises(ValueError, match="thresh > 0"):
         R.ThresholdRule(ResidualCacheConfig(0.0))
+
+
+# ------------------------------------------------------------------------------------------------ policy network
+def _net_policy(rule, seed=11):
+    """A policy network with every weight non-zero (the output layer too), from the rule's initial one."""
+    p = rule.init_policy()
+    rng = np.random.default_rng(seed)
+    p["w_out"] = jnp.asarray(rng.normal(size=p["w_out"].shape) * 0.7, jnp.float32)
+    p["linear"] = jnp.asarray([1.0, 0.4, -0.6, 0.3], jnp.float32)
+    return p
+
+
+def _features(state):
+    return np.stack([np.asarray(s.rule.features) for s in branch_states(state)])
+
+
+def test_policy_net_starts_at_teacache_and_limits_to_hard(tiny):
+    """The initial network is the calibrated threshold rule: hard decisions equal TeaCache's replayed schedule
+    and the `teacache` transform's latents. A network with every weight non-zero: the hard (`lax.cond`) run's
+    decisions equal the network replayed on the features it recorded (forced calls aside), its counters count
+    them, and straight-through and soft at temperature 1e-6 make the same decisions on the same features with
+    final latents within 1e-5."""
+    base, x, ctx = tiny
+    neg = jnp.zeros_like(ctx)
+    rule = R.PolicyNetRule(RULE, hidden=4)
+    hard = R.relaxed_cache(base, rule, mode="hard")
+    ref = sample(teacache(base, RULE), None, x, ctx, solver=SOLVER, guidance=5.0, negative_context=neg)
+    want = schedule(RULE, calibrate_teacache(base, x, ctx, solver=SOLVER, guidance=5.0,
+                                             negative_context=neg).input_change, STEPS)
+    init = _run(hard, R.relaxed_params(hard), x, ctx)
+    assert np.array_equal(np.asarray(R.gates_of(init.state)) > 0.5, want)
+    assert float(jnp.max(jnp.abs(init.latents - ref.latents))) < 1e-5
+    assert total_work(init.state) == total_work(ref.state)
+
+    policy = _net_policy(rule)
+    runs = {}
+    for mode, temp in (("hard", 1.0), ("straight_through", 1.0), ("soft", 1e-6)):
+        den = R.relaxed_cache(base, rule, mode=mode)
+        runs[mode] = _run(den, R.relaxed_params(den, policy, temperature=temp), x, ctx)
+    gates, feats = np.asarray(R.gates_of(runs["hard"].state)), _features(runs["hard"].state)
+    forced = np.zeros(STEPS, bool)
+    forced[[0, STEPS - 1]] = True                                   # first call (warm-up 1) and cut-off -1
+    replay = np.where(forced, True, np.asarray(R.policy_net_logits(policy, feats)) >= 0)
+    assert 0 < gates.mean() < 1 and not np.array_equal(gates > 0.5, want), "the test network must differ"
+    assert np.array_equal(gates, replay.astype(np.float32))
+    assert total_work(runs["hard"].state)["block_passes"] == gates.sum()
+    for mode in ("straight_through", "soft"):
+        assert np.allclose(np.asarray(R.gates_of(runs[mode].state)), gates, atol=1e-6), mode
+        assert np.allclose(_features(runs[mode].state), feats, atol=1e-5), mode
+        assert float(jnp.max(jnp.abs(runs[mode].latents - runs["hard"].latents))) < 1e-5, mode
+
+
+def test_policy_net_gradients_match_finite_differences(tiny):
+    """check_grads (reverse mode, central differences of step 0.05, 3% tolerance) of a loss of the final
+    latents and the expected compute with respect to every weight of the network, through the 8-step
+    sampler rematerialised per step."""
+    base, x, ctx = tiny
+    rule = R.PolicyNetRule(RULE, hidden=4)
+    den = R.relaxed_cache(base, rule, mode="soft")
+    p0 = R.relaxed_params(den, _net_policy(rule), temperature=0.5)
+
+    @jax.jit
+    def loss(pol):
+        out = R.relaxed_sample(den, p0.replace(policy=pol), x, ctx, solver=SOLVER, guidance=5.0,
+                               negative_context=jnp.zeros_like(ctx), remat="step")
+        return jnp.mean(jnp.square(out.latents)) + R.compute_fraction(out.state)
+
+    check_grads(loss, (p0.policy,), order=1, modes=("rev",), eps=0.05, atol=2e-3, rtol=3e-2)
+    grads = jax.grad(loss)(p0.policy)
+    assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads)), "every weight must matter"
+
+
+def test_policy_net_errors(tiny):
+    base, x, ctx = tiny
+    rule = R.PolicyNetRule(RULE, hidden=4)
+    den = R.relaxed_cache(base, rule)
+    with pytest.raises(ValueError, match="PolicyNetRule.hidden"):
+        R.PolicyNetRule(RULE, hidden=0)
+    with pytest.raises(ValueError, match="thresh > 0"):
+        R.PolicyNetRule(ResidualCacheConfig(0.0))
+    with pytest.raises(ValueError, match="temperature must be > 0.0"):
+        R.relaxed_params(den, temperature=-1.0)
+    with pytest.raises(ValueError, match=r"policy\['w_in'\] has shape \(4, 8\), this denoiser needs \(4, 4\)"):
+        R.relaxed_params(den, R.PolicyNetRule(RULE).init_policy())
+    with pytest.raises(ValueError, match="does not match"):
+        R.relaxed_params(den, {"log_thresh": jnp.float32(0)})
+    with pytest.raises(ValueError, match="does not match"):
+        _run(den, R.relaxed_params(R.relaxed_cache(base, R.ThresholdRule(RULE))), x, ctx)
+
+
+def test_resample_schedule():
+    rule = R.ScheduleRule(3)
+    new_rule, pol = R.resample_schedule(rule, {"logits": jnp.array([1.0, -1.0, 3.0])}, 5)
+    assert new_rule == R.ScheduleRule(5)
+    assert np.allclose(pol["logits"], [1.0, 0.0, -1.0, 1.0, 3.0])                 # fractions 0, 1/4, .., 1
+    same = R.resample_schedule(rule, {"logits": jnp.array([1.0, -1.0, 3.0])}, 3)[1]
+    assert np.array_equal(same["logits"], [1.0, -1.0, 3.0])
+    with pytest.raises(ValueError, match="logits ScheduleRule"):
+        R.resample_schedule(R.ScheduleRule(3, parametrization="gates"), {"gates": jnp.ones(3)}, 5)
+    with pytest.raises(ValueError, match="does not match"):
+        R.resample_schedule(rule, {"logits": jnp.ones(4)}, 5)

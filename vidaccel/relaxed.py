@@ -9,8 +9,9 @@ of exactly 1 or 0 is the hard rule's compute or reuse. Three modes (static):
 - "hard": the hard decision with `lax.cond`, so skipped work is really skipped (evaluation, counters).
 
 As temperature -> 0 "soft" tends to "hard" (tests/test_relaxed.py checks decisions and outputs against
-`vidaccel.residual_cache`). Rules (`ThresholdRule`, `ScheduleRule`) gate the whole block stack per call
-(`relaxed_cache`); `relaxed_layer_reuse` gates each layer's self-attention per call (reusing its output).
+`vidaccel.residual_cache`). Rules (`ThresholdRule`, `ScheduleRule`, the policy network `PolicyNetRule`) gate
+the whole block stack per call (`relaxed_cache`); `relaxed_layer_reuse` gates each layer's self-attention per
+call (reusing its output).
 
 Policy parameters travel with the model's: a relaxed denoiser's `params` is `RelaxedParams(model, policy,
 temperature)`, so `jax.grad` of a loss of `relaxed_sample(den, params, ...)` with respect to `params.policy`
@@ -130,10 +131,7 @@ class ThresholdRule:
     cfg: ResidualCacheConfig
 
     def __post_init__(self):
-        if self.cfg.thresh <= 0:
-            raise ValueError(f"ThresholdRule needs cfg.thresh > 0 (a learnable log-threshold), got {self.cfg.thresh}")
-        if self.cfg.scope != "video" or self.cfg.reuse != "hidden":
-            raise ValueError("ThresholdRule supports scope='video', reuse='hidden'")
+        _check_accumulator_cfg(self.cfg, "ThresholdRule")
 
     def init_policy(self) -> dict:
         return {"log_thresh": jnp.float32(math.log(self.cfg.thresh))}
@@ -142,21 +140,106 @@ class ThresholdRule:
         _check_keys(policy, {"log_thresh": ()}, "ThresholdRule")
 
     def gate(self, policy, rs, emb, count, calls: int, temperature, mode):
-        cfg = self.cfg
-        ind = indicator_value(cfg.indicator, emb)
-        delta = rescale(cfg.coefficients, relative_change(ind, rs.prev), cfg.max_change)
-        acc_next = rs.acc + delta
-        forced = (count < cfg.warmup) | ~jnp.isfinite(acc_next)
-        if cfg.cutoff is not None:
-            forced = forced | (count >= (cfg.cutoff if cfg.cutoff >= 0 else calls + cfg.cutoff))
+        ind, _, acc_next, forced = _accumulate(self.cfg, rs, emb, count, calls)
         thresh = jnp.exp(policy["log_thresh"])
         safe = jnp.where(forced, thresh, acc_next)          # keeps inf/NaN out of the gradient
         g = jnp.where(forced, 1.0, gate((safe - thresh) / thresh, temperature, mode))
         return g, rs.replace(acc=((1.0 - g) * safe).astype(jnp.float32), prev=ind)
 
-    def rule_state(self, emb):
-        ind = jax.eval_shape(lambda e: indicator_value(self.cfg.indicator, e), emb)  # emb may be abstract
-        return _AccState(jnp.zeros((), jnp.float32), jnp.zeros(ind.shape, ind.dtype))
+    def rule_state(self, emb, calls: int):
+        return _acc_state(self.cfg, emb)
+
+
+def _check_accumulator_cfg(cfg, name: str) -> None:
+    if not isinstance(cfg, ResidualCacheConfig):
+        raise TypeError(f"{name} needs a ResidualCacheConfig, got {type(cfg).__name__}")
+    if cfg.thresh <= 0:
+        raise ValueError(f"{name} needs cfg.thresh > 0 (a learnable log-threshold / the feature scale), got "
+                         f"{cfg.thresh}")
+    if cfg.scope != "video" or cfg.reuse != "hidden":
+        raise ValueError(f"{name} supports scope='video', reuse='hidden'")
+
+
+def _accumulate(cfg: ResidualCacheConfig, rs, emb, count, calls: int):
+    """The accumulated-change rule's quantities for one call: (indicator, rescaled change delta, acc + delta,
+    forced); forced = warm-up, cut-off, or a change outside the fitted range (acc + delta not finite)."""
+    ind = indicator_value(cfg.indicator, emb)
+    delta = rescale(cfg.coefficients, relative_change(ind, rs.prev), cfg.max_change)
+    acc_next = rs.acc + delta
+    forced = (count < cfg.warmup) | ~jnp.isfinite(acc_next)
+    if cfg.cutoff is not None:
+        forced = forced | (count >= (cfg.cutoff if cfg.cutoff >= 0 else calls + cfg.cutoff))
+    return ind, delta, acc_next, forced
+
+
+def _acc_state(cfg: ResidualCacheConfig, emb) -> _AccState:
+    ind = jax.eval_shape(lambda e: indicator_value(cfg.indicator, e), emb)      # emb may be abstract
+    return _AccState(jnp.zeros((), jnp.float32), jnp.zeros(ind.shape, ind.dtype))
+
+
+NET_FEATURES = ("accumulator", "change", "step", "latent_change")
+
+
+def policy_net_logits(policy: dict, features: jax.Array) -> jax.Array:
+    """The policy network's gate logit for features (..., 4) (`NET_FEATURES`): a linear term plus one tanh
+    hidden layer, f . linear + bias + tanh(f W_in + b_in) . w_out."""
+    f = jnp.asarray(features, jnp.float32)
+    hidden = jnp.tanh(f @ policy["w_in"] + policy["b_in"])
+    return f @ policy["linear"] + policy["bias"] + hidden @ policy["w_out"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyNetRule:
+    """A small policy network that reads what the accumulated-change rule reads and outputs the gate logit
+    (`policy_net_logits`). Features per call (`NET_FEATURES`): the accumulator after the call acc + delta and
+    the call's rescaled change delta, both in units of `cfg.thresh` (the calibrated threshold); the step
+    fraction count / (calls - 1); the relative change of the patch-embedded latent since the previous call
+    (content-dependent, unlike TeaCache's e0 indicator). The relaxed accumulator is (1 - g)(acc + delta).
+
+    Policy {"linear": (4,), "bias": (), "w_in": (4, hidden), "b_in": (hidden,), "w_out": (hidden,)},
+    initialised at linear = (1, 0, 0, 0), bias = -1, w_out = 0 (W_in random with `seed`): the margin
+    (acc + delta) / thresh - 1 of `ThresholdRule(cfg)`, so learning starts from the calibrated rule. Forced
+    calls (g = 1, features recorded as 0): the first, warm-up, cut-off, changes above `max_change`. The state
+    records every call's features, for replaying the network on a trajectory. The network's own FLOPs
+    (~10 hidden) are not counted: a gate weighs one block-stack pass."""
+
+    cfg: ResidualCacheConfig
+    hidden: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_accumulator_cfg(self.cfg, "PolicyNetRule")
+        int_arg("PolicyNetRule.hidden", self.hidden, minimum=1)
+        int_arg("PolicyNetRule.seed", self.seed, minimum=0)
+
+    def init_policy(self) -> dict:
+        nf = len(NET_FEATURES)
+        w_in = np.random.default_rng(self.seed).normal(size=(nf, self.hidden)) / math.sqrt(nf)
+        return {"linear": jnp.asarray(np.eye(nf, dtype=np.float32)[0]), "bias": jnp.float32(-1.0),
+                "w_in": jnp.asarray(w_in, jnp.float32), "b_in": jnp.zeros((self.hidden,), jnp.float32),
+                "w_out": jnp.zeros((self.hidden,), jnp.float32)}
+
+    def check_policy(self, policy) -> None:
+        nf = len(NET_FEATURES)
+        _check_keys(policy, {"linear": (nf,), "bias": (), "w_in": (nf, self.hidden), "b_in": (self.hidden,),
+                             "w_out": (self.hidden,)}, "PolicyNetRule")
+
+    def gate(self, policy, rs, emb, count, calls: int, temperature, mode):
+        ind, delta, acc_next, forced = _accumulate(self.cfg, rs.acc_state, emb, count, calls)
+        forced = forced | (count == 0)
+        scale = jnp.float32(self.cfg.thresh)
+        latent = relative_change(emb.tokens, rs.tokens)
+        f = jnp.stack([acc_next / scale, delta / scale, count / max(calls - 1, 1), latent]).astype(jnp.float32)
+        f = jnp.where(forced, 0.0, f)                         # safe values: keeps inf/NaN out of the gradient
+        g = jnp.where(forced, 1.0, gate(policy_net_logits(policy, f), temperature, mode))
+        safe = jnp.where(forced, 0.0, acc_next)
+        acc = rs.acc_state.replace(acc=((1.0 - g) * safe).astype(jnp.float32), prev=ind)
+        i = jnp.minimum(count, calls - 1)
+        return g, _NetState(acc, emb.tokens, rs.features.at[i].set(f))
+
+    def rule_state(self, emb, calls: int):
+        return _NetState(_acc_state(self.cfg, emb), jnp.zeros(emb.tokens.shape, emb.tokens.dtype),
+                         jnp.zeros((calls, len(NET_FEATURES)), jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +282,7 @@ class ScheduleRule:
             g = gate(v, temperature, mode)
         return jnp.where(count == 0, 1.0, g), rs
 
-    def rule_state(self, emb):
+    def rule_state(self, emb, calls: int):
         return None
 
 
@@ -226,6 +309,21 @@ def top_k_schedule(rule: ScheduleRule, policy, budget: float) -> dict:
     return {"logits": jnp.asarray(out)}
 
 
+def resample_schedule(rule: ScheduleRule, policy, calls: int) -> tuple[ScheduleRule, dict]:
+    """A logits schedule learned for `rule.calls` calls carried to `calls` calls (another step count): each
+    new call j takes the logit linearly interpolated at its step fraction j / (calls - 1) between the old
+    calls' fractions i / (rule.calls - 1) (the same shifted sigma schedule at both counts, so equal fractions
+    are equal noise levels). Returns the new rule and policy; `top_k_schedule` then makes it budget-exact."""
+    int_arg("calls", calls, minimum=1)
+    if rule.parametrization != "logits":
+        raise ValueError("resample_schedule needs a logits ScheduleRule")
+    rule.check_policy(policy)
+    old = np.linspace(0.0, 1.0, rule.calls) if rule.calls > 1 else np.zeros(1)
+    new = np.linspace(0.0, 1.0, calls) if calls > 1 else np.zeros(1)
+    v = np.interp(new, old, np.asarray(policy["logits"], np.float64)).astype(np.float32)
+    return ScheduleRule(calls), {"logits": jnp.asarray(v)}
+
+
 def _check_keys(policy, shapes: dict, name: str) -> None:
     if not isinstance(policy, dict) or set(policy) != set(shapes):
         got = sorted(policy) if isinstance(policy, dict) else type(policy).__name__
@@ -242,6 +340,13 @@ def _check_keys(policy, shapes: dict, name: str) -> None:
 class _AccState:
     acc: jax.Array
     prev: jax.Array
+
+
+@struct.dataclass
+class _NetState:
+    acc_state: _AccState
+    tokens: jax.Array          # the previous call's patch-embedded latent
+    features: jax.Array        # (calls, 4) the features each call's network read
 
 
 @struct.dataclass
@@ -273,8 +378,9 @@ def relaxed_cache(den: Denoiser, rule, *, mode: str = "straight_through") -> Den
     """`den` (staged) with its whole block stack gated per call by `rule` (`ThresholdRule` or `ScheduleRule`):
     tokens = x + g * (blocks(x) - x) + (1 - g) * cached residual. Its params are `RelaxedParams`."""
     choice_arg("mode", mode, MODES)
-    if not isinstance(rule, ThresholdRule | ScheduleRule):
-        raise TypeError(f"relaxed_cache needs a ThresholdRule or ScheduleRule, got {type(rule).__name__}")
+    if not isinstance(rule, ThresholdRule | ScheduleRule | PolicyNetRule):
+        raise TypeError(f"relaxed_cache needs a ThresholdRule, ScheduleRule or PolicyNetRule, got "
+                        f"{type(rule).__name__}")
     if den.stages is None:
         raise ValueError(f"relaxed_cache needs a staged denoiser; {den.name!r} has none")
     st = den.stages
@@ -283,7 +389,7 @@ def relaxed_cache(den: Denoiser, rule, *, mode: str = "straight_through") -> Den
         inner = den.init(spec)
         emb = abstract_embedding(den, inner, spec)
         z = jnp.zeros((), jnp.float32)
-        return RelaxedState(inner, rule.rule_state(emb), jnp.zeros(emb.tokens.shape, emb.tokens.dtype),
+        return RelaxedState(inner, rule.rule_state(emb, _calls(spec)), jnp.zeros(emb.tokens.shape, emb.tokens.dtype),
                             jnp.zeros((), jnp.int32), z, z, jnp.zeros((_calls(spec),), jnp.float32), _calls(spec))
 
     def apply(params, state: RelaxedState, x, t, context):
@@ -559,6 +665,7 @@ def _find(state) -> RelaxedState:
 
 
 __all__ = ["MODES", "gate", "check_temperature", "check_budget", "RelaxedParams", "relaxed_params", "ThresholdRule",
-           "ScheduleRule", "LayerRule", "hard_schedule", "top_k_schedule", "RelaxedState", "relaxed_cache",
+           "NET_FEATURES", "policy_net_logits", "PolicyNetRule", "ScheduleRule", "LayerRule", "hard_schedule",
+           "top_k_schedule", "resample_schedule", "RelaxedState", "relaxed_cache",
            "attention_share", "relaxed_layer_reuse", "soft_token_gates", "soft_block_mask",
            "block_weighted_attention", "RelaxedOutput", "REMATS", "relaxed_sample", "compute_fraction", "gates_of"]

@@ -1,11 +1,13 @@
-"""python -m experiments.cache_policy [memory|sensitivity|pareto|all] [--steps N] [--out DIR]
+"""python -m experiments.cache_policy [memory|sensitivity|pareto|transfer|all] [--steps N] [--out DIR]
 
 Differentiable studies of cache policies on the embedded shapes t2v model (CPU; see docs/cache_policies.md):
 - memory: compiled memory of the gradient through a 50-step sample vs a 1-step one, with and without
   per-step rematerialisation;
 - sensitivity: d log(final error) / d(gate) per step at calibrated TeaCache's decisions, beside its indicator;
 - pareto: policies learned under a budget (threshold, per-step schedule) vs calibrated TeaCache and a uniform
-  schedule, hard decisions on held-out prompts, compute counted by the transforms' counters.
+  schedule, hard decisions on held-out prompts, compute counted by the transforms' counters;
+- transfer: threshold, schedule and policy network learned at one budget (the last of --budgets), evaluated
+  on held-out prompts, at --transfer-steps steps and at --transfer-frames latent frames (transfer.py).
 Writes <out>/<study>.json, .md and .png (results/cache_policy/ by default).
 """
 
@@ -27,12 +29,14 @@ from experiments.cache_policy.study import (
     make_setup,
     sensitivity,
     teacache_rule,
+    uniform_schedule,
 )
+from experiments.cache_policy.transfer import run_transfer
 from experiments.harness import machine, markdown_table, plot_or_skip, pyplot, write_results
 from vidaccel.relaxed import ScheduleRule, relaxed_cache, relaxed_params
 
 OUT = Path("results/cache_policy")
-STUDIES = ("memory", "sensitivity", "pareto")
+STUDIES = ("memory", "sensitivity", "pareto", "transfer")
 
 
 def run_memory(setup, out: Path, log=print) -> dict:
@@ -93,15 +97,6 @@ def _plot_sensitivity(rep, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def uniform_schedule(steps: int, budget: float) -> np.ndarray:
-    """round(budget * steps) computed calls spread evenly, the first included, as +-1 logits."""
-    k = max(1, round(budget * steps))
-    keep = np.unique(np.round(np.linspace(0, steps - 1, k)).astype(int))
-    out = -np.ones(steps, np.float32)
-    out[keep] = 1.0
-    return out
 
 
 def run_pareto(setup, cal, out: Path, budgets, iters: int, log=print) -> dict:
@@ -165,6 +160,8 @@ def main(argv=None) -> None:
     ap.add_argument("--heldout-prompts", type=int, default=4)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.4, 0.5])
     ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--transfer-steps", type=int, default=30, help="step count the transfer study carries to")
+    ap.add_argument("--transfer-frames", type=int, default=12, help="latent frames the transfer study carries to")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -172,11 +169,14 @@ def main(argv=None) -> None:
     todo = STUDIES if a.study == "all" else (a.study,)
     if "memory" in todo:
         run_memory(setup, a.out)
-    cal = calibrate(setup) if {"sensitivity", "pareto"} & set(todo) else None
+    cal = calibrate(setup) if {"sensitivity", "pareto", "transfer"} & set(todo) else None
     if "sensitivity" in todo:
         run_sensitivity(setup, cal, a.out)
     if "pareto" in todo:
         run_pareto(setup, cal, a.out, a.budgets, a.iters)
+    if "transfer" in todo:
+        run_transfer(setup, cal, a.out, a.budgets[-1], a.iters, steps_to=a.transfer_steps,
+                     frames_to=a.transfer_frames)
     print(f"done in {time.perf_counter() - t0:.0f} s; results in {a.out}")
 
 

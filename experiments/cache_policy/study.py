@@ -20,11 +20,12 @@ import optax
 
 from experiments.harness import video_fidelity
 from experiments.teacache import calibrate_teacache, teacache, teacache_config
-from models.shapes import decode_latents, encode_prompts, sample_prompts
+from models.shapes import LATENT_FRAMES, decode_latents, encode_prompts, sample_prompts
 from models.shapes.pretrained import latent_noise, load_shapes_model
 from models.wan.denoiser import wan_denoiser
 from vidaccel.checks import choice_arg, int_arg
 from vidaccel.relaxed import (
+    PolicyNetRule,
     RelaxedParams,
     ScheduleRule,
     ThresholdRule,
@@ -41,7 +42,7 @@ from vidaccel.sampling import sample
 from vidaccel.solvers import unipc
 from vidaccel.transforms import total_work
 
-POLICIES = ("threshold", "schedule")
+POLICIES = ("threshold", "schedule", "net")
 FD_STEP = 0.02       # gate step of the sensitivity study's finite-difference check
 
 
@@ -65,23 +66,26 @@ class Setup:
     heldout: Split
 
 
-def _split(base, solver, guidance, n: int, seed: int, which: str) -> Split:
+def _split(base, solver, guidance, n: int, seed: int, which: str, frames: int) -> Split:
     prompts = sample_prompts(n, seed, which)
     ctx = jnp.asarray(encode_prompts(prompts))
-    noise = latent_noise(n, seed + (0 if which == "train" else 500))
+    noise = latent_noise(n, seed + (0 if which == "train" else 500), frames)
     dense = sample(base, None, noise, ctx, solver=solver, guidance=guidance, negative_context=jnp.zeros_like(ctx))
     return Split(prompts, noise, ctx, dense.latents)
 
 
 def make_setup(*, steps: int = 20, train_prompts: int = 2, heldout_prompts: int = 4, guidance: float = 5.0,
-               seed: int = 0, model=None) -> Setup:
-    """The committed shapes t2v model, UniPC `steps`, CFG `guidance`; training-split and held-out prompts
-    (disjoint by construction of the shapes world) with their dense final latents."""
+               seed: int = 0, frames: int = LATENT_FRAMES, model=None) -> Setup:
+    """The committed shapes t2v model, UniPC `steps`, CFG `guidance`, videos of `frames` latent frames;
+    training-split and held-out prompts (disjoint by construction of the shapes world) with their dense
+    final latents. A prompt's noise depends on its index and `seed`, not on the batch."""
     int_arg("steps", steps, minimum=4)
+    int_arg("frames", frames, minimum=1)
     model = load_shapes_model("t2v") if model is None else model
     base, solver = wan_denoiser(model), unipc(steps)
-    return Setup(model, base, solver, guidance, _split(base, solver, guidance, train_prompts, seed, "train"),
-                 _split(base, solver, guidance, heldout_prompts, seed, "heldout"))
+    return Setup(model, base, solver, guidance,
+                 _split(base, solver, guidance, train_prompts, seed, "train", frames),
+                 _split(base, solver, guidance, heldout_prompts, seed, "heldout", frames))
 
 
 def rel_mse(x, ref) -> jax.Array:
@@ -132,21 +136,22 @@ class Learned:
 
 def learn_policy(setup: Setup, kind: str, budget: float, *, calibration: dict, iters: int = 12, lr: float | None = None,
                  temperature: float = 0.5, dual_lr: float = 20.0, remat: bool = False, log=print) -> Learned:
-    """Learn a `kind` policy ("threshold": TeaCache's threshold; "schedule": per-step logits) on the training
-    prompts: minimise log(rel_mse of final latents vs dense) + lam (compute - budget) with Adam, straight-
-    through gates (the forward pass is the hard decision, so `compute` is the counted fraction), and dual
-    ascent on lam >= 0. Both start from the calibrated TeaCache at `budget`. The policy kept is the iterate
-    with the lowest training error among those within the budget (the forward pass is hard, so that is the
-    hard policy's training error); `iters` updates, `iters + 1` evaluations. The hard version: the threshold
-    as is; the schedule's top round(budget * steps) logits (`top_k_schedule`). `remat`: rematerialise
-    each step (less memory, one more forward per step; not needed at the shapes model's size)."""
+    """Learn a `kind` policy on the training prompts ("threshold": TeaCache's threshold; "schedule":
+    per-step logits; "net": the `PolicyNetRule` network over TeaCache's indicators): minimise log(rel_mse of
+    final latents vs dense) + lam (compute - budget) with Adam, straight-through gates (the forward pass is
+    the hard decision, so `compute` is the counted fraction), and dual ascent on lam >= 0. All start from the
+    calibrated TeaCache at `budget`. The policy kept is the iterate with the lowest training error among those
+    within the budget (the forward pass is hard, so that is the hard policy's training error); `iters`
+    updates, `iters + 1` evaluations. The hard version: the threshold and the network as they are; the
+    schedule's top round(budget * steps) logits (`top_k_schedule`). `remat`: rematerialise each step (less
+    memory, one more forward per step; not needed at the shapes model's size)."""
     choice_arg("kind", kind, POLICIES)
     budget = check_budget(budget)
     temperature = check_temperature(temperature)
     cfg, _ = teacache_rule(calibration, budget)
     steps = setup.solver.num_steps
-    if kind == "threshold":
-        rule = ThresholdRule(cfg)
+    if kind in ("threshold", "net"):
+        rule = ThresholdRule(cfg) if kind == "threshold" else PolicyNetRule(cfg)
         lr = 0.05 if lr is None else lr
     else:
         init = np.where(teacache_schedule(calibration, cfg), 1.0, -1.0)
@@ -192,6 +197,15 @@ def learn_policy(setup: Setup, kind: str, budget: float, *, calibration: dict, i
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
+def uniform_schedule(steps: int, budget: float) -> np.ndarray:
+    """round(budget * steps) computed calls spread evenly, the first included, as +-1 logits."""
+    k = max(1, round(budget * steps))
+    keep = np.unique(np.round(np.linspace(0, steps - 1, k)).astype(int))
+    out = -np.ones(steps, np.float32)
+    out[keep] = 1.0
+    return out
+
+
 def evaluate(setup: Setup, den, params=None, *, split: str = "heldout", relaxed: bool = True) -> dict:
     """Hard run of `den` on a split's prompts: PSNR / SSIM of the decoded videos against the dense run's, the
     relative MSE of the latents, and the compute counted by the denoiser's own counters (block-stack passes
