@@ -5,7 +5,8 @@ The mesh has three named axes (any may be 1):
 
     data   independent samples; with CFG, the conditional and unconditional branch on its two halves
     fsdp   parameters sharded (ZeRO-3 / FSDP: gathered layer by layer inside the compiled scan), batch split
-    seq    tokens split across devices (sequence parallel); self-attention runs as Ulysses or ring
+    seq    tokens split across devices (sequence parallel); self-attention runs as Ulysses or ring; or heads
+           (`head_parallel_attention`: an AR KV cache kept per head group, tokens whole)
 
 Parameters are sharded over `PARAM_AXES = ("fsdp", "seq")`, i.e. over every device that holds a slice of one
 sample: the seq devices would otherwise each hold a full copy of the weights (14B in bf16 = 28.6 GB).
@@ -362,6 +363,69 @@ def ring_attention(mesh: Mesh, *, axis: str = "seq", q_chunk: int | None = None)
     return attention
 
 
+# ------------------------------------------------------------------------------------- head parallelism
+def check_heads(heads: int, mesh, axis: str = "seq", what: str = "head parallelism") -> None:
+    """A clear error, naming the mesh shapes that work, when `heads` cannot be split evenly over `axis`."""
+    p = _check_seq(mesh, axis)
+    if heads % p:
+        n = math.prod(mesh.shape.values())
+        ok = [o for o in mesh_options(n) if heads % parse_mesh_spec(o)[axis] == 0]
+        raise ValueError(f"{what} splits the {heads} heads over {axis}={p}, but {heads} is not divisible by {p}; "
+                         f"allowed mesh shapes over {n} devices: {ok}")
+
+
+def head_specs(tree, heads: int, heads_dim: int, axis: str = "seq", batch: tuple[str, ...] | None = None):
+    """PartitionSpec per leaf of a head-major `tree`: a leaf with `heads` entries on dim `heads_dim` is split
+    there over `axis` (and, with `batch`, its dim `heads_dim - 2` over those axes: the (.., B, T, H, ..)
+    layout of attention tensors and KV caches); every other leaf (frames, lengths, counters) is replicated."""
+    def one(x):
+        shape = jnp.shape(x)
+        if len(shape) <= heads_dim or shape[heads_dim] != heads:
+            return P()
+        dims = [None] * len(shape)
+        dims[heads_dim] = axis
+        if batch and heads_dim >= 2:
+            dims[heads_dim - 2] = batch
+        return P(*dims)
+
+    return jax.tree.map(one, tree)
+
+
+def constrain_heads(tree, mesh: Mesh, heads: int, heads_dim: int, axis: str = "seq"):
+    """`tree` with its head-major leaves (see `head_specs`) split by heads over `axis` and by batch over the
+    free batch axes where it divides; the other leaves replicated. Places a KV cache in a carried state."""
+    m = context_mesh(mesh)
+
+    def one(x):
+        b = batch_axes(m, x.shape[heads_dim - 2]) if x.ndim > heads_dim >= 2 else None
+        spec = head_specs(x, heads, heads_dim, axis, b)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(m, spec))
+
+    return jax.tree.map(one, tree)
+
+
+def head_parallel_attention(mesh: Mesh, inner: SelfAttention, *, axis: str = "seq") -> SelfAttention:
+    """`inner` run per head group: q, k, v (B, T, H, D) and the per-layer state's head-major leaves (B, T, H,
+    ...) are split over `axis` by heads in a `shard_map`; tokens stay whole on every device, so no all-to-all
+    is needed (the split of replicated q/k/v is local). For attentions whose state is per head and read
+    whole per token, e.g. an AR KV cache: each device keeps and reads the cache of its heads only. Needs
+    heads % P == 0. The output's heads are gathered by XLA where the next projection needs them."""
+    _check_seq(mesh, axis)
+
+    def attention(q, k, v, info: AttentionInfo, layer_state=None):
+        m = context_mesh(mesh)
+        heads = q.shape[2]
+        check_heads(heads, m, axis, "head-parallel attention")
+        out_state = jax.eval_shape(inner, q, k, v, info, layer_state)[1]
+        tok = P(None, None, axis, None)
+        fn = jax.shard_map(inner, mesh=m, in_specs=(tok, tok, tok, P(), head_specs(layer_state, heads, 2, axis)),
+                           out_specs=(tok, head_specs(out_state, heads, 2, axis)), axis_names={axis},
+                           check_vma=False)
+        return fn(q, k, v, info, layer_state)
+
+    return attention
+
+
 SEQ_ATTENTION = {"ulysses": ulysses_attention, "ring": ring_attention}
 
 
@@ -425,22 +489,21 @@ def unstack_branches(state) -> CFGBranches:
 
 # -------------------------------------------------------------------------------------- sampling on a mesh
 UNSHARDED_STATES = {
-    "MotionCacheState": "MotionCache's partial forwards gather token subsets of bucketed sizes and keep a "
-                        "per-chunk stale K/V buffer that is not split by tokens or heads",
-    "ChunkState": "the AR chunk denoiser's KV-cached attention is not sequence-parallel yet",
+    "ChunkState": "the AR chunk denoiser's KV-cached attention runs on a mesh as a whole rollout, not as one "
+                  "sample() call: use models.ar.sharding.sharded_rollout (MotionCache and FlowCache included)",
 }
 
 
 def check_shardable(den: Denoiser, spec: DenoiseSpec) -> None:
-    """A clear error for a method stack that cannot run sharded: its state (followed through `inner`) holds
-    a state type listed in UNSHARDED_STATES."""
+    """A clear error for a method stack that `sharded_sample` cannot run: its state (followed through
+    `inner`) holds a state type listed in UNSHARDED_STATES (which says where such a stack runs instead)."""
     state = jax.eval_shape(lambda: den.init(spec))
     while True:
         name = type(state).__name__
         if name in UNSHARDED_STATES:
-            raise ValueError(f"{den.name!r} cannot run on a mesh: {UNSHARDED_STATES[name]}. Sharded runs support "
-                             "dense, Ulysses/ring attention, TeaCache-style residual caches and CFG-parallel; "
-                             "run this method with vidaccel.sampling.sample on one device")
+            raise ValueError(f"{den.name!r} cannot run on a mesh: {UNSHARDED_STATES[name]}. sharded_sample "
+                             "supports dense, Ulysses/ring attention, sparse attention, TeaCache-style residual "
+                             "caches and CFG-parallel")
         if not hasattr(state, "inner"):
             return
         state = state.inner
@@ -459,14 +522,32 @@ def _sharded_impl(den, solver, guided, cfg_parallel, mesh, params, noise, contex
     return SampleOutput(x, state)
 
 
+def check_mesh(mesh) -> None:
+    """A clear error unless `mesh` is a (data, fsdp, seq) Mesh as `make_mesh` builds."""
+    if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != AXES:
+        raise ValueError(f"mesh must be a jax Mesh with axes {AXES} (vidaccel.parallel.make_mesh); got {mesh!r}")
+
+
+def placement(tree, mesh: Mesh) -> tuple:
+    """(treedef, shardings per leaf) of `tree` as placed: a leaf's NamedSharding on `mesh` (see
+    `shard_params`), replicated for a leaf not placed on it. Hashable, for `compile_on_mesh`."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple(a.sharding if isinstance(getattr(a, "sharding", None), NamedSharding)
+                          and a.sharding.mesh == mesh else NamedSharding(mesh, P()) for a in leaves)
+
+
+def batch_sharding(mesh: Mesh, batch: int) -> NamedSharding:
+    """Latents / contexts (B, ...) split by batch over the batch axes that divide it, else replicated."""
+    return NamedSharding(mesh, P(batch_axes(mesh, batch)))
+
+
 @functools.lru_cache(maxsize=64)
-def _compiled_sampler(den, solver, guided, cfg_parallel, mesh, param_treedef, param_shardings_flat,
-                      latent_sharding, context_sharding):
-    param_sh = jax.tree.unflatten(param_treedef, param_shardings_flat)
-    repl = NamedSharding(mesh, P())
-    fn = functools.partial(_sharded_impl, den, solver, guided, cfg_parallel, mesh)
-    return jax.jit(fn, in_shardings=(param_sh, latent_sharding, context_sharding, context_sharding, repl, repl),
-                   out_shardings=SampleOutput(latent_sharding, repl))
+def compile_on_mesh(impl, static: tuple, params: tuple, in_shardings: tuple, out_shardings):
+    """`jax.jit(partial(impl, *static))` with the params placed as `params` (a `placement`) followed by
+    `in_shardings` (None = as the argument is placed), and `out_shardings` (a None leaf = XLA's choice).
+    Cached, so a sampler called again with the same denoiser, mesh and placement reuses its compilation."""
+    return jax.jit(functools.partial(impl, *static), in_shardings=(jax.tree.unflatten(*params), *in_shardings),
+                   out_shardings=out_shardings)
 
 
 def sharded_sample(den: Denoiser, params, noise: jax.Array, context: jax.Array, *, mesh: Mesh, solver,
@@ -485,8 +566,7 @@ def sharded_sample(den: Denoiser, params, noise: jax.Array, context: jax.Array, 
     keeping it here leaves `sample` free of sharding code.
     """
     guided, negative = check_sampler_args(den, solver, noise, guidance, context, negative_context, check_finite)
-    if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != AXES:
-        raise ValueError(f"mesh must be a jax Mesh with axes {AXES} (vidaccel.parallel.make_mesh); got {mesh!r}")
+    check_mesh(mesh)
     if cfg_parallel is None:
         cfg_parallel = guided and mesh.shape["data"] == 2
     if cfg_parallel and not guided:
@@ -494,16 +574,15 @@ def sharded_sample(den: Denoiser, params, noise: jax.Array, context: jax.Array, 
     check_shardable(den, DenoiseSpec(jax.ShapeDtypeStruct(noise.shape, noise.dtype),
                                      jax.ShapeDtypeStruct(context.shape, context.dtype), solver.num_steps))
     params = den.params if params is None else params
-    leaves, treedef = jax.tree.flatten(params)
-    shardings = tuple(a.sharding if isinstance(getattr(a, "sharding", None), NamedSharding)
-                      and a.sharding.mesh == mesh else NamedSharding(mesh, P()) for a in leaves)
-    b = noise.shape[0]
-    bax = batch_axes(mesh, b)
+    latent_sh = batch_sharding(mesh, noise.shape[0])
     if cfg_parallel:        # data holds the branches (latents replicated over it); the batch may split on fsdp
-        bax = ("fsdp",) if mesh.shape["fsdp"] > 1 and b % mesh.shape["fsdp"] == 0 else None
-    latent_sh = NamedSharding(mesh, P(bax))
-    fn = _compiled_sampler(den, solver, bool(guided), bool(cfg_parallel), mesh, treedef, shardings, latent_sh,
-                           latent_sh)
+        b = noise.shape[0]
+        latent_sh = NamedSharding(mesh, P(("fsdp",) if mesh.shape["fsdp"] > 1 and b % mesh.shape["fsdp"] == 0
+                                          else None))
+    repl = NamedSharding(mesh, P())
+    fn = compile_on_mesh(_sharded_impl, (den, solver, bool(guided), bool(cfg_parallel), mesh),
+                         placement(params, mesh), (latent_sh, latent_sh, latent_sh, repl, repl),
+                         SampleOutput(latent_sh, repl))
     with jax.set_mesh(mesh):
         return run_sampler(fn, params, noise, context, negative, jnp.float32(guidance if guided else 1.0),
                            progress=progress, total=solver.num_steps, desc="sampling")
@@ -526,8 +605,10 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         jax.distributed.initialize(coordinator_address, num_processes, process_id, **kw)
 
 
-__all__ = ["AXES", "FSDP", "PARAM_AXES", "UNSHARDED_STATES", "CFGContext", "Rules", "batch_axes",
-           "cfg_parallel_denoiser", "check_shardable", "check_tokens", "constrain_batch",
-           "constrain_tokens", "context_mesh", "initialize_distributed", "make_mesh", "mesh_options", "param_path",
+__all__ = ["AXES", "FSDP", "PARAM_AXES", "UNSHARDED_STATES", "CFGContext", "Rules", "batch_axes", "batch_sharding",
+           "cfg_parallel_denoiser", "check_heads", "check_mesh", "check_shardable", "check_tokens",
+           "compile_on_mesh", "constrain_batch", "constrain_heads", "constrain_tokens", "context_mesh",
+           "head_parallel_attention", "head_specs", "initialize_distributed", "make_mesh", "mesh_options",
+           "param_path", "placement",
            "param_shardings", "param_specs", "parse_mesh_spec", "ring_attention", "seq_parallel_attention",
            "shard_params", "sharded_sample", "token_spec", "ulysses_attention", "unstack_branches", "UlyssesHeads"]

@@ -43,6 +43,7 @@ from models.ar.compression import WindowCompressor, compress_window, plan_window
 from models.ar.schedules import generate_timestep_matrix
 from models.ar.window import DFState, df_chunk_denoiser, df_state_of, df_window_denoiser, has_df_state, init_window_kv
 from models.wan.transformer import WanTransformer
+from vidaccel.attention import dense_attention
 from vidaccel.checks import choice_arg, float_arg, int_arg, optional_int_arg
 from vidaccel.sampling import SampleOutput, check_sampler_args, guided_velocity, init_branches, run_sampler, tick
 from vidaccel.transforms import CFGBranches, Denoiser, DenoiseSpec, Work, branch_states, replace_state
@@ -219,11 +220,12 @@ def _df_impl(den: Denoiser, solver, guided: bool, execution: str, geom: tuple, a
 _df_jit = jax.jit(_df_impl, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
 
 
-def _as_denoiser(model_or_den, execution: str, window_frames: int) -> Denoiser:
+def _as_denoiser(model_or_den, execution: str, window_frames: int, wrap_attention=None) -> Denoiser:
     if isinstance(model_or_den, WanTransformer):
         if execution == "chunks":
-            return df_chunk_denoiser(model_or_den, window_frames)
-        return df_window_denoiser(model_or_den)
+            return df_chunk_denoiser(model_or_den, window_frames, wrap_attention=wrap_attention)
+        attention = None if wrap_attention is None else wrap_attention(dense_attention)
+        return df_window_denoiser(model_or_den, attention=attention)
     if not isinstance(model_or_den, Denoiser):
         raise TypeError(f"df_sample needs a WanTransformer or a Denoiser, got {type(model_or_den).__name__}")
     if execution == "chunks" and model_or_den.commit is None:
@@ -266,6 +268,26 @@ def df_sample(model_or_den, noise: jax.Array, context: jax.Array, *, solver, ar_
     call per active row and branch. "chunks": the per-chunk states of every window, stacked with leading
     axes (windows, chunks) (per CFG branch); `df_work(out.state)` sums their counters.
     """
+    static, dynamic, total = df_prepare(
+        model_or_den, noise, context, solver=solver, ar_step=ar_step, causal_block_size=causal_block_size,
+        window_frames=window_frames, prefix=prefix, overlap_frames=overlap_frames,
+        addnoise_condition=addnoise_condition, noise_key=noise_key, prefix_noise=prefix_noise, execution=execution,
+        kv_compression=kv_compression, guidance=guidance, negative_context=negative_context,
+        check_finite=check_finite, params=params)
+    return run_sampler(_df_jit, *static, *dynamic, progress=progress, total=total, desc="diffusion forcing")
+
+
+def df_prepare(model_or_den, noise: jax.Array, context: jax.Array, *, solver, ar_step: int = 0,
+               causal_block_size: int | None = None, window_frames: int | None = None,
+               prefix: jax.Array | None = None, overlap_frames: int | None = None, addnoise_condition: float = 0.0,
+               noise_key: jax.Array | None = None, prefix_noise: jax.Array | None = None, execution: str = "window",
+               kv_compression: WindowCompressor | None = None, guidance: float | None = None,
+               negative_context: jax.Array | None = None, check_finite: bool = True, params=None,
+               wrap_attention=None):
+    """`df_sample`'s checks and schedules: (static args, dynamic args, rows) of the compiled `_df_impl`, for
+    `df_sample` and for a caller that compiles it otherwise (`models.ar.sharding.sharded_df_sample`).
+    wrap_attention: for a model given as such, applied to its self-attention (see `df_window_denoiser`,
+    `df_chunk_denoiser`)."""
     execution = choice_arg("execution", execution, EXECUTIONS)
     if getattr(noise, "ndim", None) != 5:
         raise ValueError(f"noise must be channels-last latents (B, F, H, W, C); got shape {jnp.shape(noise)}")
@@ -276,7 +298,7 @@ def df_sample(model_or_den, noise: jax.Array, context: jax.Array, *, solver, ar_
     fw = f_total if overlap_frames is None else window_frames
     if overlap_frames is not None and window_frames is None:
         raise ValueError("overlap_frames needs window_frames (the length of each window)")
-    den = _as_denoiser(model_or_den, execution, fw)
+    den = _as_denoiser(model_or_den, execution, fw, wrap_attention)
     guided, negative = check_sampler_args(den, solver, noise, guidance, context, negative_context, check_finite)
     cfg = den.config
     if causal_block_size is None:
@@ -361,11 +383,11 @@ def df_sample(model_or_den, noise: jax.Array, context: jax.Array, *, solver, ar_
                                             kv_compression.cache_chunks) for p in scheds}
         plan = {key: jnp.stack([padded(jnp.asarray(plans[p][key]), 0) for p in pres]) for key in plans[pres[0]]}
     geom = (win, fw, stride, cbs, pmax, total_rows)
-    return run_sampler(_df_jit, den, solver, guided, execution, geom, addnoise, renoise_mode, kv_compression,
-                       den.params if params is None else params, noise, context, negative,
-                       jnp.float32(guidance if guided else 1.0), tmat, idx, upd, start, rows,
-                       jnp.asarray(pres, jnp.int32), renoise, plan, progress=progress, total=total_rows,
-                       desc="diffusion forcing")
+    static = (den, solver, guided, execution, geom, addnoise, renoise_mode, kv_compression)
+    dynamic = (den.params if params is None else params, noise, context, negative,
+               jnp.float32(guidance if guided else 1.0), tmat, idx, upd, start, rows, jnp.asarray(pres, jnp.int32),
+               renoise, plan)
+    return static, dynamic, total_rows
 
 
 def df_work(state) -> dict[str, int]:
@@ -388,4 +410,4 @@ def _work(state) -> Work:
     return state.work
 
 
-__all__ = ["EXECUTIONS", "df_schedule", "df_sample", "df_work"]
+__all__ = ["EXECUTIONS", "df_prepare", "df_schedule", "df_sample", "df_work"]

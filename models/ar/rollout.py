@@ -163,11 +163,14 @@ class ChunkStages(Stages):
     partial: Callable[..., Any] = None
 
 
-def chunk_denoiser(model: WanTransformer, config: RolloutConfig = RolloutConfig()) -> Denoiser:
+def chunk_denoiser(model: WanTransformer, config: RolloutConfig = RolloutConfig(), *,
+                   wrap_attention: Callable[[Any], Any] | None = None) -> Denoiser:
     """The Denoiser for one chunk of an AR rollout: reads (and in `last_step` mode writes) the KV cache.
 
     `den.commit(params, state, x0, context)` finishes a chunk: in `clean` mode it runs the clean chunk at
-    t = 0 and stores its K/V; in both modes it moves on to the next chunk.
+    t = 0 and stores its K/V; in both modes it moves on to the next chunk. `wrap_attention`: applied to the
+    chunk's whole self-attention (cache read and write, chunk buffer) before the blocks run it, e.g.
+    `vidaccel.parallel.head_parallel_attention` (see `models.ar.sharding`).
     """
     cfg = model.cfg
     if not cfg.block_causal:
@@ -214,6 +217,8 @@ def chunk_denoiser(model: WanTransformer, config: RolloutConfig = RolloutConfig(
         attention, ls = with_chunk_buffer(attention, indices, valid), (layer_state(state.cache), state.own)
         if capture:
             attention, ls = capturing_queries(attention), (ls, jnp.zeros((cfg.num_layers,)))
+        if wrap_attention is not None:
+            attention = wrap_attention(attention)
         sub = emb if indices is None else emb.take(indices)
         tokens, layers = nnx.merge(graphdef, params).blocks(sub, attention=attention, layer_state=ls,
                                                             kv_frames=emb.positions[..., 0])

@@ -75,8 +75,9 @@ def has_df_state(state) -> bool:
     return True
 
 
-def df_window_denoiser(model: WanTransformer) -> Denoiser:
-    """The whole-window (vanilla) diffusion-forcing denoiser: `wan_denoiser` plus a `DFState`."""
+def df_window_denoiser(model: WanTransformer, *, attention: Any = None) -> Denoiser:
+    """The whole-window (vanilla) diffusion-forcing denoiser: `wan_denoiser` plus a `DFState`. `attention`:
+    the blocks' self-attention (default the model's dense one), e.g. a head- or sequence-parallel one."""
     if not isinstance(model, WanTransformer):
         raise TypeError(f"df_window_denoiser needs a WanTransformer, got {type(model).__name__}")
     cfg = model.cfg
@@ -91,7 +92,7 @@ def df_window_denoiser(model: WanTransformer) -> Denoiser:
         return emb, state.replace(work=state.work.add(calls=1))
 
     def blocks(params, state: DFState, emb):
-        tokens, _ = nnx.merge(graphdef, params).blocks(emb)
+        tokens, _ = nnx.merge(graphdef, params).blocks(emb, attention=attention)
         n = emb.tokens.shape[1]
         fp = emb.grid[0]
         per_frame = n // fp
@@ -131,10 +132,11 @@ def init_window_kv(model_or_den, batch: int, capacity: int, tokens_per_frame: in
     return WindowKV(z, z, frames, queries)
 
 
-def df_chunk_denoiser(model: WanTransformer, window_frames: int) -> Denoiser:
+def df_chunk_denoiser(model: WanTransformer, window_frames: int, *, wrap_attention: Any = None) -> Denoiser:
     """The per-chunk diffusion-forcing denoiser over windows of `window_frames` latent frames (see module
     docstring). Its `init` spec is one chunk (B, frames per block, H, W, C); `spec.num_steps` the solver's
-    steps (a chunk's calls when nothing is skipped)."""
+    steps (a chunk's calls when nothing is skipped). `wrap_attention`: applied to the chunk's self-attention
+    over the window buffer, e.g. `vidaccel.parallel.head_parallel_attention` (see `models.ar.sharding`)."""
     if not isinstance(model, WanTransformer):
         raise TypeError(f"df_chunk_denoiser needs a WanTransformer, got {type(model).__name__}")
     cfg = model.cfg
@@ -163,7 +165,6 @@ def df_chunk_denoiser(model: WanTransformer, window_frames: int) -> Denoiser:
                              "models.ar.df_sample (execution='chunks'), which hands the buffer in")
         b, n = emb.tokens.shape[:2]
         buf: WindowKV = state.kv
-        heads = buf.k.shape[3]
         at = state.chunk * n if state.slot is None else state.slot
         frames = emb.positions[..., 0]                                   # (B, n) the chunk's window frames
         fpb = cfg.num_frame_per_block
@@ -177,7 +178,7 @@ def df_chunk_denoiser(model: WanTransformer, window_frames: int) -> Denoiser:
             else:
                 kl = scatter_tokens(kl, at + indices, k, valid)
                 vl = scatter_tokens(vl, at + indices, v, valid)
-            fl = jax.lax.dynamic_update_slice_in_dim(fl, jnp.broadcast_to(frames[..., None], (b, n, heads)), at,
+            fl = jax.lax.dynamic_update_slice_in_dim(fl, jnp.broadcast_to(frames[..., None], (b, n, fl.shape[2])), at,
                                                      axis=1)
             kf = fl.swapaxes(1, 2)                                       # (B, heads, C)
             mask = (kf[:, :, None, :] >= 0) & (kf[:, :, None, :] // fpb <= info.q_frames[:, None, :, None] // fpb)
@@ -188,7 +189,8 @@ def df_chunk_denoiser(model: WanTransformer, window_frames: int) -> Denoiser:
 
         sub = emb if indices is None else emb.take(indices)
         ql0 = buf.queries if buf.queries is not None else jnp.zeros((cfg.num_layers,))
-        tokens, (k, v, f, ql) = nnx.merge(graphdef, params).blocks(sub, attention=attend,
+        attention = attend if wrap_attention is None else wrap_attention(attend)
+        tokens, (k, v, f, ql) = nnx.merge(graphdef, params).blocks(sub, attention=attention,
                                                                    layer_state=(buf.k, buf.v, buf.frames, ql0))
         buf = WindowKV(k, v, f, ql if buf.queries is not None else None)
         k_tok = sub.tokens.shape[1]
