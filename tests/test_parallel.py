@@ -28,7 +28,6 @@ from vidaccel.parallel import (
     parse_mesh_spec,
     ring_attention,
     shard_params,
-    sharded_sample,
     ulysses_attention,
 )
 from vidaccel.residual_cache import ResidualCacheConfig
@@ -167,7 +166,7 @@ def test_sharded_sample_equals_one_device(tiny, spec, kind, cfg_parallel, method
     for name in methods:
         make, ref = METHODS[name], refs[name]
         ticks.clear()
-        out = sharded_sample(make(pden), params, noise, ctx, mesh=mesh, solver=SOLVER, guidance=4.0,
+        out = sample(make(pden), params, noise, ctx, mesh=mesh, solver=SOLVER, guidance=4.0,
                              negative_context=neg, cfg_parallel=cfg_parallel, progress=True)
         assert len(ticks) == SOLVER.num_steps
         np.testing.assert_allclose(out.latents, ref.latents, atol=1e-5, rtol=1e-5)
@@ -184,17 +183,17 @@ def test_sharded_sample_errors(tiny):
     mesh = make_mesh("seq=8")
     pden = parallel_wan_denoiser(model, mesh, attention="ulysses")
     with pytest.raises(ValueError, match=r"4 heads over seq=8.*allowed seq sizes: \[1, 2, 4\]"):
-        sharded_sample(pden, None, noise, ctx, mesh=mesh, solver=unipc(2))
+        sample(pden, None, noise, ctx, mesh=mesh, solver=unipc(2))
     mesh = make_mesh("fsdp=4,seq=2")
     pden = parallel_wan_denoiser(model, mesh)
     with pytest.raises(ValueError, match="needs data=2; this mesh has data=1"):
-        sharded_sample(pden, None, noise, ctx, mesh=mesh, solver=unipc(2), guidance=3.0, negative_context=neg,
-                       cfg_parallel=True)
+        sample(pden, None, noise, ctx, mesh=mesh, solver=unipc(2), guidance=3.0, negative_context=neg,
+               cfg_parallel=True)
     with pytest.raises(ValueError, match="axes"):
-        sharded_sample(pden, None, noise, ctx, mesh=jax.make_mesh((8,), ("x",)), solver=unipc(2))
+        sample(pden, None, noise, ctx, mesh=jax.make_mesh((8,), ("x",)), solver=unipc(2))
     with pytest.raises(ValueError, match="cannot run on a mesh: the AR chunk denoiser's KV-cached attention"):
         ar = init_transformer(wan_tiny(num_attention_heads=4, attention_head_dim=8, num_frame_per_block=2))
-        sharded_sample(chunk_denoiser(ar), None, noise, ctx, mesh=mesh, solver=unipc(2))
+        sample(chunk_denoiser(ar), None, noise, ctx, mesh=mesh, solver=unipc(2))
 
 
 def test_collective_bytes_reads_loops_and_async_ops():
@@ -244,7 +243,7 @@ def test_haste_xattention_under_the_mesh_matches_one_device():
     ref = sample(sparse_attention(wan_denoiser(model), pol), None, noise, ctx, solver=solver)
     mesh = make_mesh("data=2,seq=4")
     pden = parallel_wan_denoiser(model, mesh)
-    out = sharded_sample(sparse_attention(pden, pol), shard_params(pden.params, mesh, WAN_RULES), noise, ctx,
+    out = sample(sparse_attention(pden, pol), shard_params(pden.params, mesh, WAN_RULES), noise, ctx,
                          mesh=mesh, solver=solver)
     want, got = sparse_summary(ref.state), sparse_summary(out.state)
     assert want["reused"] > 0 and 0 < want["density_sparse"] < 1
@@ -254,7 +253,7 @@ def test_haste_xattention_under_the_mesh_matches_one_device():
 
 def test_df_sample_under_the_mesh_matches_one_device():
     """SkyReels-V2 diffusion forcing (block-causal, per-frame t, async ar_step=1) with ring attention on
-    a data=2,seq=4 mesh: `df_sample` run under `jax.set_mesh` with the parallel denoiser and sharded weights
+    a data=2,seq=4 mesh: `df_sample(..., mesh=)` with the parallel denoiser and sharded weights
     equals the one-device run within 1e-5 with equal counters."""
     model = init_transformer(wan_tiny(num_attention_heads=4, attention_head_dim=8, num_frame_per_block=2), seed=3)
     model.proj_out.kernel.set_value(jax.random.normal(jax.random.key(1), model.proj_out.kernel.shape) * 0.1)
@@ -266,7 +265,6 @@ def test_df_sample_under_the_mesh_matches_one_device():
     mesh = make_mesh("data=2,seq=4")
     for kind in ("ring",):            # block-causal Ulysses is tested against dense above
         pden = parallel_wan_denoiser(model, mesh, attention=kind)
-        with jax.set_mesh(mesh):
-            out = df_sample(pden, noise, ctx, params=shard_params(pden.params, mesh, WAN_RULES), **kw)
+        out = df_sample(pden, noise, ctx, params=shard_params(pden.params, mesh, WAN_RULES), mesh=mesh, **kw)
         np.testing.assert_allclose(out.latents, ref.latents, atol=1e-5, rtol=1e-5)
         assert total_work(out.state) == total_work(ref.state)

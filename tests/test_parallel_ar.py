@@ -1,7 +1,8 @@
-"""AR chunk runtimes on a mesh (`models.ar.sharding`) on the virtual CPU devices of tests/conftest.py: KV-cached
-rollouts with the cache split by heads (dense; FlowCache; MotionCache over the int8 cache) and diffusion forcing
-(whole window and per chunk) equal one-device runs on two mesh shapes ("data=2,seq=4" and "fsdp=2,seq=2"):
-latents within 1e-5, identical decision counters; plus the errors for meshes that cannot split the heads."""
+"""AR chunk runtimes on a mesh (`rollout(..., mesh=)`, `df_sample(..., mesh=)`) on the virtual CPU devices of
+tests/conftest.py: KV-cached rollouts with the cache split by heads (dense; FlowCache; MotionCache over the int8
+cache) and diffusion forcing (whole window and per chunk) equal one-device runs on two mesh shapes
+("data=2,seq=4" and "fsdp=2,seq=2"): latents within 1e-5, identical decision counters; plus the errors for
+meshes that cannot split the heads."""
 
 import jax
 import jax.numpy as jnp
@@ -11,12 +12,12 @@ import pytest
 from experiments.flowcache import flowcache, flowcache_config
 from experiments.motioncache import MotionCacheConfig, motioncache
 from models.ar.diffusion_forcing import df_sample, df_work
-from models.ar.rollout import RolloutConfig, chunk_denoiser, chunk_state_of, rollout
-from models.ar.sharding import head_parallel_chunk_denoiser, sharded_df_sample, sharded_rollout
+from models.ar.rollout import RolloutConfig, chunk_denoiser, chunk_state_of, head_parallel_chunk_denoiser, rollout
 from models.wan import init_transformer, wan_tiny
 from models.wan.denoiser import wan_denoiser
 from models.wan.sharding import WAN_RULES
-from vidaccel.parallel import check_heads, make_mesh, shard_params, sharded_sample
+from vidaccel.parallel import check_heads, make_mesh, shard_params
+from vidaccel.sampling import sample
 from vidaccel.solvers import euler
 from vidaccel.transforms import total_work
 
@@ -71,7 +72,7 @@ def test_rollout_under_the_mesh_matches_one_device(setup, name, spec):
     mesh = _mesh(spec)
     den = head_parallel_chunk_denoiser(model, mesh, cfg)
     params = shard_params(den.params, mesh, WAN_RULES)
-    out = sharded_rollout(method(den) if method else den, params, noise, ctx, mesh=mesh, solver=solver)
+    out = rollout(method(den) if method else den, noise, ctx, params=params, mesh=mesh, solver=solver)
     np.testing.assert_allclose(out.latents, ref.latents, atol=1e-5, rtol=1e-5)
     assert total_work(out.state) == total_work(ref.state)
     _same_counters(out.state, ref.state)
@@ -95,7 +96,7 @@ def test_df_sample_under_the_mesh_matches_one_device(setup, execution, spec):
     ref = df_sample(model, noise, ctx, execution=execution, **DF)
     mesh = _mesh(spec)
     params = shard_params(wan_denoiser(model).params, mesh, WAN_RULES)
-    out = sharded_df_sample(model, params, noise, ctx, mesh=mesh, execution=execution, **DF)
+    out = df_sample(model, noise, ctx, params=params, mesh=mesh, execution=execution, **DF)
     np.testing.assert_allclose(out.latents, ref.latents, atol=1e-5, rtol=1e-5)
     assert df_work(out.state) == df_work(ref.state)
     _same_counters(out.state, ref.state)
@@ -108,18 +109,17 @@ def test_errors(setup):
     with pytest.raises(ValueError, match=r"splits the 4 heads over seq=8, but 4 is not divisible by 8; " + allowed):
         head_parallel_chunk_denoiser(model, mesh)
     with pytest.raises(ValueError, match="4 heads over seq=8"):
-        sharded_rollout(model, None, noise, ctx, mesh=mesh, solver=euler(2))
+        rollout(model, noise, ctx, mesh=mesh, solver=euler(2))
     with pytest.raises(ValueError, match="4 heads over seq=8"):
-        sharded_df_sample(model, None, noise, ctx, mesh=mesh, solver=euler(2))
+        df_sample(model, noise, ctx, mesh=mesh, solver=euler(2))
     with pytest.raises(ValueError, match=r"head parallelism splits the 4 heads over seq=8.*'data=2,fsdp=2,seq=2'"):
         check_heads(HEADS, mesh)
     mesh = _mesh("seq=2")
     with pytest.raises(ValueError, match="mesh must be a jax Mesh with axes"):
-        sharded_rollout(model, None, noise, ctx, mesh=jax.make_mesh((2,), ("x",)), solver=euler(2))
-    with pytest.raises(TypeError, match="chunk denoiser"):
-        sharded_rollout(wan_denoiser(model), None, noise, ctx, mesh=mesh, solver=euler(2))
+        rollout(model, noise, ctx, mesh=jax.make_mesh((2,), ("x",)), solver=euler(2))
+    with pytest.raises(TypeError, match="chunk_denoiser"):
+        rollout(wan_denoiser(model), noise, ctx, mesh=mesh, solver=euler(2))
     with pytest.raises(ValueError, match="multiple of the chunk length 2"):
-        sharded_rollout(model, None, noise[:, :3], ctx, mesh=mesh, solver=euler(2))
-    with pytest.raises(ValueError, match="cannot run on a mesh: .*use models.ar.sharding.sharded_rollout"):
-        sharded_sample(motioncache(chunk_denoiser(model), MC), None, noise[:, :2], ctx, mesh=make_mesh("seq=8"),
-                       solver=euler(2))
+        rollout(model, noise[:, :3], ctx, mesh=mesh, solver=euler(2))
+    with pytest.raises(ValueError, match=r"cannot run on a mesh: .*use models.ar.rollout.rollout\(..., mesh=\)"):
+        sample(motioncache(chunk_denoiser(model), MC), None, noise[:, :2], ctx, mesh="seq=8", solver=euler(2))

@@ -16,7 +16,7 @@ from experiments.xattention import XAttentionConfig, xattention
 from models.wan import init_transformer, wan_tiny
 from models.wan.denoiser import wan_denoiser
 from models.wan.sharding import WAN_RULES, parallel_sparse_denoiser, parallel_wan_denoiser
-from vidaccel.parallel import UlyssesHeads, make_mesh, shard_params, sharded_sample
+from vidaccel.parallel import UlyssesHeads, make_mesh, shard_params
 from vidaccel.sampling import sample
 from vidaccel.solvers import unipc
 from vidaccel.sparse_attention import sparse_attention, sparse_summary
@@ -71,7 +71,7 @@ def _compare(setup, policy, specs, guided=False):
         mesh = _mesh(spec)
         den = parallel_sparse_denoiser(model, mesh, policy)
         assert den.name.endswith("@heads/seq")
-        out = sharded_sample(den, shard_params(den.params, mesh, WAN_RULES), noise, ctx, mesh=mesh, solver=SOLVER,
+        out = sample(den, shard_params(den.params, mesh, WAN_RULES), noise, ctx, mesh=mesh, solver=SOLVER,
                              **kw)
         assert sparse_summary(out.state) == want, spec
         np.testing.assert_allclose(out.latents, ref.latents, atol=1e-5, rtol=1e-5, err_msg=spec)
@@ -117,14 +117,14 @@ def test_head_parallel_errors(setup):
     mesh = _mesh("seq=8")                                           # 4 heads cannot split 8 ways
     den = parallel_sparse_denoiser(model, mesh, _xatt())
     with pytest.raises(ValueError, match=r"splits the 4 heads over seq=8.*allowed seq sizes: \[1, 2, 4\]"):
-        sharded_sample(den, None, noise, ctx, mesh=mesh, solver=unipc(2))
+        sample(den, None, noise, ctx, mesh=mesh, solver=unipc(2))
     mesh = _mesh("seq=2")
     unknown = dataclasses.replace(_svg2(), state_head_axes=None)     # a state without declared head axes
     with pytest.raises(ValueError, match="'svg2' cannot run head-parallel.*declares no state_head_axes"):
-        sharded_sample(parallel_sparse_denoiser(model, mesh, unknown), None, noise, ctx, mesh=mesh, solver=unipc(2))
+        sample(parallel_sparse_denoiser(model, mesh, unknown), None, noise, ctx, mesh=mesh, solver=unipc(2))
     wrong = dataclasses.replace(_svg2(), state_head_axes=lambda spec: SVG2State(2, 1, None))
     with pytest.raises(ValueError, match=r"head axis 2 for a state leaf of shape \(1, 4, 6, 8\).*the 4 heads"):
-        sharded_sample(parallel_sparse_denoiser(model, mesh, wrong), None, noise, ctx, mesh=mesh, solver=unipc(2))
+        sample(parallel_sparse_denoiser(model, mesh, wrong), None, noise, ctx, mesh=mesh, solver=unipc(2))
     with pytest.raises(TypeError, match="needs head parallelism with an `axis`"):
         sparse_attention(parallel_wan_denoiser(model, mesh), _xatt(), wrap=lambda inner, spec: inner)
     assert UlyssesHeads(mesh).axis == "seq"

@@ -1,5 +1,6 @@
 """Scale out on a JAX device mesh: mesh specs, parameter sharding rules, sequence-parallel attention, and
-sampling under the mesh. Model-agnostic: a model supplies its parameter rules (e.g. `models.wan.sharding`).
+what the samplers need to run under the mesh (`sample(..., mesh=)` and the AR runtimes' `mesh=` use
+`compile_on_mesh`). Model-agnostic: a model supplies its parameter rules (e.g. `models.wan.sharding`).
 
 The mesh has three named axes (any may be 1):
 
@@ -18,7 +19,7 @@ a token score) are all-reduced by the compiler: every device sees the same value
     den = parallel_wan_denoiser(model, mesh, attention="ulysses")    # models.wan.sharding: the Wan dense
     params = shard_params(den.params, mesh, WAN_RULES)               # denoiser with ulysses_attention(mesh)
     den = teacache(den, cfg)                                         # methods wrap it as on one device
-    out = sharded_sample(den, params, noise, ctx, mesh=mesh, solver=unipc(50), guidance=5.0, negative_context=neg)
+    out = sample(den, params, noise, ctx, mesh=mesh, solver=unipc(50), guidance=5.0, negative_context=neg)
 
 Multi-host (TPU pods, multi-node GPU): call `initialize_distributed()` first in every process, then build
 the mesh over `jax.devices()` (all processes' devices); see docs/parallel.md.
@@ -41,7 +42,6 @@ from jax.sharding import PartitionSpec as P
 
 from vidaccel.attention import AttentionInfo, SelfAttention, block_causal_mask, dense_attention
 from vidaccel.blockwise_attention import softmax_merge
-from vidaccel.sampling import SampleOutput, check_sampler_args, denoise_loop, run_sampler
 from vidaccel.transforms import CFGBranches, Denoiser, DenoiseSpec
 
 AXES = ("data", "fsdp", "seq")
@@ -490,18 +490,18 @@ def unstack_branches(state) -> CFGBranches:
 # -------------------------------------------------------------------------------------- sampling on a mesh
 UNSHARDED_STATES = {
     "ChunkState": "the AR chunk denoiser's KV-cached attention runs on a mesh as a whole rollout, not as one "
-                  "sample() call: use models.ar.sharding.sharded_rollout (MotionCache and FlowCache included)",
+                  "sample() call: use models.ar.rollout.rollout(..., mesh=) (MotionCache and FlowCache included)",
 }
 
 
 def check_shardable(den: Denoiser, spec: DenoiseSpec) -> None:
-    """A clear error for a method stack that `sharded_sample` cannot run: its state (followed through
+    """A clear error for a method stack that `sample(..., mesh=)` cannot run: its state (followed through
     `inner`) holds a state type listed in UNSHARDED_STATES (which says where such a stack runs instead)."""
     state = jax.eval_shape(lambda: den.init(spec))
     while True:
         name = type(state).__name__
         if name in UNSHARDED_STATES:
-            raise ValueError(f"{den.name!r} cannot run on a mesh: {UNSHARDED_STATES[name]}. sharded_sample "
+            raise ValueError(f"{den.name!r} cannot run on a mesh: {UNSHARDED_STATES[name]}. sample(mesh=) "
                              "supports dense, Ulysses/ring attention, sparse attention, TeaCache-style residual "
                              "caches and CFG-parallel")
         if not hasattr(state, "inner"):
@@ -509,23 +509,28 @@ def check_shardable(den: Denoiser, spec: DenoiseSpec) -> None:
         state = state.inner
 
 
-def _sharded_impl(den, solver, guided, cfg_parallel, mesh, params, noise, context, negative, guidance, bar_id):
-    spec = DenoiseSpec(jax.ShapeDtypeStruct(noise.shape, noise.dtype),
-                       jax.ShapeDtypeStruct(context.shape, context.dtype), solver.num_steps)
-    if cfg_parallel:
-        pden = cfg_parallel_denoiser(den, mesh)
-        ctx = CFGContext(jnp.stack([context, negative]), guidance)
-        x, state = denoise_loop(pden, solver, False, params, noise, ctx, None, None, pden.init(spec), bar_id)
-        return SampleOutput(x, unstack_branches(state))
-    state = CFGBranches(den.init(spec), den.init(spec)) if guided else den.init(spec)
-    x, state = denoise_loop(den, solver, guided, params, noise, context, negative, guidance, state, bar_id)
-    return SampleOutput(x, state)
-
-
 def check_mesh(mesh) -> None:
     """A clear error unless `mesh` is a (data, fsdp, seq) Mesh as `make_mesh` builds."""
     if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != AXES:
         raise ValueError(f"mesh must be a jax Mesh with axes {AXES} (vidaccel.parallel.make_mesh); got {mesh!r}")
+
+
+def heads_wrap(mesh: Mesh, heads: int, *, axis: str = "seq"):
+    """A `wrap_attention` (attention -> attention) that runs an attention function by heads over `axis` in
+    `head_parallel_attention`, as the AR chunk denoisers take it; a ValueError naming the mesh shapes that
+    work when `heads` does not divide."""
+    check_mesh(mesh)
+    check_heads(heads, mesh, axis, "the AR KV cache's head split")
+    return lambda attention: head_parallel_attention(mesh, attention, axis=axis)
+
+
+def as_mesh(mesh: Mesh | str) -> Mesh:
+    """`mesh` itself when it is a (data, fsdp, seq) Mesh; a spec string ("fsdp=4,seq=2") gives `make_mesh(spec)`
+    over all devices (whose error names the shapes that fit the device count)."""
+    if isinstance(mesh, str):
+        return make_mesh(mesh)
+    check_mesh(mesh)
+    return mesh
 
 
 def placement(tree, mesh: Mesh) -> tuple:
@@ -550,44 +555,6 @@ def compile_on_mesh(impl, static: tuple, params: tuple, in_shardings: tuple, out
                    out_shardings=out_shardings)
 
 
-def sharded_sample(den: Denoiser, params, noise: jax.Array, context: jax.Array, *, mesh: Mesh, solver,
-                   guidance: float | None = None, negative_context: jax.Array | None = None,
-                   cfg_parallel: bool | None = None, progress: bool | str = False,
-                   check_finite: bool = True) -> SampleOutput:
-    """`vidaccel.sampling.sample` on `mesh`: the same single jitted scan, compiled with in/out shardings
-    (params as they are placed — see `shard_params` — latents and contexts split by batch), the
-    progress bar the only thing that leaves the devices. Equal to `sample` up to float summation order.
-
-    cfg_parallel: run the two CFG branches on the halves of `data` (`cfg_parallel_denoiser`); None = when
-    guided and data == 2. The returned state is `CFGBranches` under guidance, as `sample` returns it.
-
-    Why a wrapper and not `sample(..., mesh=)`: the sharded path needs the mesh's shardings as jit arguments
-    (a different compiled function per mesh) and the CFG-parallel denoiser, which `sample` does not know;
-    keeping it here leaves `sample` free of sharding code.
-    """
-    guided, negative = check_sampler_args(den, solver, noise, guidance, context, negative_context, check_finite)
-    check_mesh(mesh)
-    if cfg_parallel is None:
-        cfg_parallel = guided and mesh.shape["data"] == 2
-    if cfg_parallel and not guided:
-        raise ValueError("cfg_parallel=True needs guidance (and negative_context): without CFG there is one branch")
-    check_shardable(den, DenoiseSpec(jax.ShapeDtypeStruct(noise.shape, noise.dtype),
-                                     jax.ShapeDtypeStruct(context.shape, context.dtype), solver.num_steps))
-    params = den.params if params is None else params
-    latent_sh = batch_sharding(mesh, noise.shape[0])
-    if cfg_parallel:        # data holds the branches (latents replicated over it); the batch may split on fsdp
-        b = noise.shape[0]
-        latent_sh = NamedSharding(mesh, P(("fsdp",) if mesh.shape["fsdp"] > 1 and b % mesh.shape["fsdp"] == 0
-                                          else None))
-    repl = NamedSharding(mesh, P())
-    fn = compile_on_mesh(_sharded_impl, (den, solver, bool(guided), bool(cfg_parallel), mesh),
-                         placement(params, mesh), (latent_sh, latent_sh, latent_sh, repl, repl),
-                         SampleOutput(latent_sh, repl))
-    with jax.set_mesh(mesh):
-        return run_sampler(fn, params, noise, context, negative, jnp.float32(guidance if guided else 1.0),
-                           progress=progress, total=solver.num_steps, desc="sampling")
-
-
 # -------------------------------------------------------------------------------------------- multi-host
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, **kw) -> None:
@@ -596,7 +563,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     On TPU pods and SLURM / Open MPI GPU clusters JAX finds the coordinator by itself (call with no
     arguments); elsewhere pass the coordinator "host:port", the process count and this process's id (or set
     JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). Then `make_mesh` spans every process's
-    devices and `sharded_sample` runs the same program on all of them (see docs/parallel.md)."""
+    devices and `sample(..., mesh=)` runs the same program on all of them (see docs/parallel.md)."""
     if jax.distributed.is_initialized():
         return
     if coordinator_address is None and num_processes is None and process_id is None and not kw:
@@ -605,10 +572,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         jax.distributed.initialize(coordinator_address, num_processes, process_id, **kw)
 
 
-__all__ = ["AXES", "FSDP", "PARAM_AXES", "UNSHARDED_STATES", "CFGContext", "Rules", "batch_axes", "batch_sharding",
-           "cfg_parallel_denoiser", "check_heads", "check_mesh", "check_shardable", "check_tokens",
-           "compile_on_mesh", "constrain_batch", "constrain_heads", "constrain_tokens", "context_mesh",
-           "head_parallel_attention", "head_specs", "initialize_distributed", "make_mesh", "mesh_options",
-           "param_path", "placement",
-           "param_shardings", "param_specs", "parse_mesh_spec", "ring_attention", "seq_parallel_attention",
-           "shard_params", "sharded_sample", "token_spec", "ulysses_attention", "unstack_branches", "UlyssesHeads"]
+__all__ = ["as_mesh", "AXES", "batch_axes", "batch_sharding", "cfg_parallel_denoiser", "CFGContext", "check_heads",
+           "check_mesh", "check_shardable", "check_tokens", "compile_on_mesh", "constrain_batch", "constrain_heads",
+           "constrain_tokens", "context_mesh", "FSDP", "head_parallel_attention", "head_specs", "heads_wrap",
+           "initialize_distributed", "make_mesh", "mesh_options", "PARAM_AXES", "param_path", "param_shardings",
+           "param_specs", "parse_mesh_spec", "placement", "ring_attention", "Rules", "seq_parallel_attention",
+           "shard_params", "token_spec", "ulysses_attention", "UlyssesHeads", "UNSHARDED_STATES", "unstack_branches"]

@@ -8,6 +8,10 @@ progress bar is driven from inside the scan by `jax.debug.callback`, without lea
 The pieces are shared by every sampler (`sample`, the AR rollout, diffusion forcing): `check_sampler_args`
 validates, `guided_velocity` / `denoise_loop` are the traced step, `tick` advances the bar from compiled
 code, and `run_sampler` drives a jitted sampler (bar, wait for the result, flush the callbacks).
+
+With `mesh=` (a `jax.sharding.Mesh` from `vidaccel.parallel.make_mesh`, or its spec string) the same scan is
+compiled with in/out shardings (`vidaccel.parallel.compile_on_mesh`): params as placed by `shard_params`,
+latents and contexts split by batch, and with CFG on `data=2` the branches run CFG-parallel.
 """
 
 from __future__ import annotations
@@ -21,9 +25,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from vidaccel.checks import assert_finite, float_arg
+from vidaccel.parallel import (
+    CFGContext,
+    as_mesh,
+    batch_sharding,
+    cfg_parallel_denoiser,
+    check_shardable,
+    compile_on_mesh,
+    placement,
+    unstack_branches,
+)
 from vidaccel.solvers import Solver
 from vidaccel.transforms import CFGBranches, Denoiser, DenoiseSpec
 
@@ -102,20 +118,61 @@ def _sample_impl(den: Denoiser, solver, guided: bool, params, noise, context, ne
 _sample_jit = jax.jit(_sample_impl, static_argnums=(0, 1, 2))
 
 
+def _sharded_impl(den: Denoiser, solver, guided: bool, cfg_parallel: bool, mesh, params, noise, context, negative,
+                  guidance, bar_id):
+    if not cfg_parallel:
+        return _sample_impl(den, solver, guided, params, noise, context, negative, guidance, bar_id)
+    spec = DenoiseSpec(jax.ShapeDtypeStruct(noise.shape, noise.dtype),
+                       jax.ShapeDtypeStruct(context.shape, context.dtype), solver.num_steps)
+    pden = cfg_parallel_denoiser(den, mesh)
+    ctx = CFGContext(jnp.stack([context, negative]), guidance)
+    x, state = denoise_loop(pden, solver, False, params, noise, ctx, None, None, pden.init(spec), bar_id)
+    return SampleOutput(x, unstack_branches(state))
+
+
 def sample(den: Denoiser, params, noise: jax.Array, context: jax.Array, *, solver, guidance: float | None = None,
            negative_context: jax.Array | None = None, progress: bool | str = False,
-           check_finite: bool = True) -> SampleOutput:
+           check_finite: bool = True, mesh=None, cfg_parallel: bool | None = None) -> SampleOutput:
     """Denoise `noise` (B, F, H, W, C) to latents with `solver`, in one compiled scan.
 
     guidance: classifier-free guidance scale g (None or 1.0 = no guidance); v = v_u + g (v_c - v_u), with
     `negative_context` (same shape as `context`) for the unconditional branch. progress: show a tqdm bar
     (a string sets its description). check_finite: reject NaN/Inf in noise and contexts before compiling.
+    mesh: a (data, fsdp, seq) `Mesh` or a spec string ("data=2,seq=4"): the same scan compiled with in/out
+    shardings (params as placed, see `vidaccel.parallel.shard_params`; latents and contexts moved to a split by
+    batch from wherever they are),
+    the bar the only thing that leaves the devices; equal to one device up to float summation order.
+    cfg_parallel (with a mesh): the two CFG branches on the halves of `data` (`cfg_parallel_denoiser`);
+    None = when guided and data == 2. Under guidance the state is `CFGBranches` either way.
     Returns `SampleOutput(latents, state)`; `state` holds the denoiser's counters.
     """
     guided, negative = check_sampler_args(den, solver, noise, guidance, context, negative_context, check_finite)
-    return run_sampler(_sample_jit, den, solver, guided, den.params if params is None else params, noise,
-                       context, negative, jnp.float32(guidance if guided else 1.0),
-                       progress=progress, total=solver.num_steps, desc="sampling")
+    params = den.params if params is None else params
+    g = jnp.float32(guidance if guided else 1.0)
+    if mesh is None:
+        if cfg_parallel:
+            raise ValueError("cfg_parallel=True needs a mesh with data=2 (mesh='data=2,...')")
+        return run_sampler(_sample_jit, den, solver, guided, params, noise, context, negative, g,
+                           progress=progress, total=solver.num_steps, desc="sampling")
+    mesh = as_mesh(mesh)
+    if cfg_parallel is None:
+        cfg_parallel = guided and mesh.shape["data"] == 2
+    if cfg_parallel and not guided:
+        raise ValueError("cfg_parallel=True needs guidance (and negative_context): without CFG there is one branch")
+    check_shardable(den, DenoiseSpec(jax.ShapeDtypeStruct(noise.shape, noise.dtype),
+                                     jax.ShapeDtypeStruct(context.shape, context.dtype), solver.num_steps))
+    latent_sh = batch_sharding(mesh, noise.shape[0])
+    if cfg_parallel:        # data holds the branches (latents replicated over it); the batch may split on fsdp
+        b, f = noise.shape[0], mesh.shape["fsdp"]
+        latent_sh = NamedSharding(mesh, P(("fsdp",) if f > 1 and b % f == 0 else None))
+    repl = NamedSharding(mesh, P())
+    noise, context, negative = jax.device_put((noise, context, negative), latent_sh)   # from any placement
+    fn = compile_on_mesh(_sharded_impl, (den, solver, bool(guided), bool(cfg_parallel), mesh),
+                         placement(params, mesh), (latent_sh, latent_sh, latent_sh, repl, repl),
+                         SampleOutput(latent_sh, repl))
+    with jax.set_mesh(mesh):
+        return run_sampler(fn, params, noise, context, negative, g, progress=progress, total=solver.num_steps,
+                           desc="sampling")
 
 
 def run_sampler(fn: Callable[..., Any], *args, progress: bool | str, total: int, desc: str):

@@ -38,6 +38,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from models.ar.compression import WindowCompressor, compress_window, plan_window_compression
 from models.ar.schedules import generate_timestep_matrix
@@ -45,6 +47,7 @@ from models.ar.window import DFState, df_chunk_denoiser, df_state_of, df_window_
 from models.wan.transformer import WanTransformer
 from vidaccel.attention import dense_attention
 from vidaccel.checks import choice_arg, float_arg, int_arg, optional_int_arg
+from vidaccel.parallel import as_mesh, batch_sharding, compile_on_mesh, heads_wrap, placement
 from vidaccel.sampling import SampleOutput, check_sampler_args, guided_velocity, init_branches, run_sampler, tick
 from vidaccel.transforms import CFGBranches, Denoiser, DenoiseSpec, Work, branch_states, replace_state
 
@@ -240,7 +243,7 @@ def df_sample(model_or_den, noise: jax.Array, context: jax.Array, *, solver, ar_
               prefix_noise: jax.Array | None = None, execution: str = "window",
               kv_compression: WindowCompressor | None = None, guidance: float | None = None,
               negative_context: jax.Array | None = None, progress: bool | str = False, check_finite: bool = True,
-              params=None) -> SampleOutput:
+              params=None, mesh=None, axis: str = "seq") -> SampleOutput:
     """Denoise `noise` (B, F, H, W, C) with the diffusion-forcing schedule, in one compiled scan.
 
     model_or_den: a `WanTransformer`, or a Denoiser over one (methods wrap it as usual): for "window" any
@@ -263,29 +266,45 @@ def df_sample(model_or_den, noise: jax.Array, context: jax.Array, *, solver, ar_
     placed as they enter, and MAGI-1's trigger compresses the clean history by one chunk, scored with the
     last forwarded chunk's queries (`plan_window_compression`, `compress_window`). Other arguments as in
     `sample()`.
+    mesh: a (data, fsdp, seq) `Mesh` or spec string: the scan compiled with in/out shardings (params as placed
+    by `shard_params`, latents and contexts split by batch where it divides); a model given as such gets its
+    self-attention split by heads over `axis` ("chunks": the window K/V buffer too). A denoiser is taken as
+    it is, e.g. `df_chunk_denoiser(model, frames, wrap_attention=heads_wrap(mesh, heads))` wrapped by a
+    method, or `parallel_wan_denoiser` for "window". Equal to one device up to float summation order.
 
     Returns `SampleOutput(latents (B, F, ...), state)`. "window": the denoiser state (per CFG branch), one
     call per active row and branch. "chunks": the per-chunk states of every window, stacked with leading
     axes (windows, chunks) (per CFG branch); `df_work(out.state)` sums their counters.
     """
-    static, dynamic, total = df_prepare(
+    mesh = None if mesh is None else as_mesh(mesh)
+    wrap = None
+    if mesh is not None and isinstance(model_or_den, WanTransformer):
+        wrap = heads_wrap(mesh, model_or_den.cfg.num_attention_heads, axis=axis)
+    static, dynamic, total = _df_prepare(
         model_or_den, noise, context, solver=solver, ar_step=ar_step, causal_block_size=causal_block_size,
         window_frames=window_frames, prefix=prefix, overlap_frames=overlap_frames,
         addnoise_condition=addnoise_condition, noise_key=noise_key, prefix_noise=prefix_noise, execution=execution,
         kv_compression=kv_compression, guidance=guidance, negative_context=negative_context,
-        check_finite=check_finite, params=params)
-    return run_sampler(_df_jit, *static, *dynamic, progress=progress, total=total, desc="diffusion forcing")
+        check_finite=check_finite, params=params, wrap_attention=wrap)
+    if mesh is None:
+        return run_sampler(_df_jit, *static, *dynamic, progress=progress, total=total, desc="diffusion forcing")
+    batch, repl = batch_sharding(mesh, noise.shape[0]), NamedSharding(mesh, P())
+    rest = (batch, batch, batch, repl) + (None,) * (len(dynamic) - 5 + 1)       # schedules and the bar id
+    dynamic = (dynamic[0], *jax.device_put(dynamic[1:4], batch), *dynamic[4:])  # inputs from any placement
+    fn = compile_on_mesh(_df_impl, static, placement(dynamic[0], mesh), rest, SampleOutput(batch, None))
+    with jax.set_mesh(mesh):
+        return run_sampler(fn, *dynamic, progress=progress, total=total, desc="diffusion forcing")
 
 
-def df_prepare(model_or_den, noise: jax.Array, context: jax.Array, *, solver, ar_step: int = 0,
+def _df_prepare(model_or_den, noise: jax.Array, context: jax.Array, *, solver, ar_step: int = 0,
                causal_block_size: int | None = None, window_frames: int | None = None,
                prefix: jax.Array | None = None, overlap_frames: int | None = None, addnoise_condition: float = 0.0,
                noise_key: jax.Array | None = None, prefix_noise: jax.Array | None = None, execution: str = "window",
                kv_compression: WindowCompressor | None = None, guidance: float | None = None,
                negative_context: jax.Array | None = None, check_finite: bool = True, params=None,
                wrap_attention=None):
-    """`df_sample`'s checks and schedules: (static args, dynamic args, rows) of the compiled `_df_impl`, for
-    `df_sample` and for a caller that compiles it otherwise (`models.ar.sharding.sharded_df_sample`).
+    """`df_sample`'s checks and schedules: (static args, dynamic args, rows) of the compiled `_df_impl`, on one
+    device or on a mesh.
     wrap_attention: for a model given as such, applied to its self-attention (see `df_window_denoiser`,
     `df_chunk_denoiser`)."""
     execution = choice_arg("execution", execution, EXECUTIONS)
@@ -410,4 +429,4 @@ def _work(state) -> Work:
     return state.work
 
 
-__all__ = ["EXECUTIONS", "df_prepare", "df_schedule", "df_sample", "df_work"]
+__all__ = ["EXECUTIONS", "df_schedule", "df_sample", "df_work"]

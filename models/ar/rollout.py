@@ -46,6 +46,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from models.ar.compression import CacheCompressor, make_room
 from models.ar.kv_cache import (
@@ -63,6 +65,7 @@ from models.ar.kv_cache import (
 from models.wan.transformer import WanTransformer
 from pallas_kernels.kv_quantization import SCALE_DTYPES
 from vidaccel.checks import choice_arg, int_arg, optional_int_arg
+from vidaccel.parallel import as_mesh, batch_sharding, compile_on_mesh, constrain_heads, heads_wrap, placement
 from vidaccel.sampling import check_sampler_args, denoise_loop, init_branches, run_sampler
 from vidaccel.transforms import (
     CFGBranches,
@@ -170,7 +173,7 @@ def chunk_denoiser(model: WanTransformer, config: RolloutConfig = RolloutConfig(
     `den.commit(params, state, x0, context)` finishes a chunk: in `clean` mode it runs the clean chunk at
     t = 0 and stores its K/V; in both modes it moves on to the next chunk. `wrap_attention`: applied to the
     chunk's whole self-attention (cache read and write, chunk buffer) before the blocks run it, e.g.
-    `vidaccel.parallel.head_parallel_attention` (see `models.ar.sharding`).
+    `vidaccel.parallel.head_parallel_attention` (see `head_parallel_chunk_denoiser`).
     """
     cfg = model.cfg
     if not cfg.block_causal:
@@ -299,16 +302,47 @@ def _rollout_impl(den, solver, guided, num_chunks, params, noise, context, negat
 _rollout_jit = jax.jit(_rollout_impl, static_argnums=(0, 1, 2, 3))
 
 
+def head_parallel_chunk_denoiser(model: WanTransformer, mesh: Mesh, config: RolloutConfig | None = None, *,
+                                 axis: str = "seq") -> Denoiser:
+    """`chunk_denoiser(model, config)` for a mesh: its attention (cache read, chunk buffer, cache write, in any
+    KV storage) runs by heads over `axis` (`vidaccel.parallel.heads_wrap`), and its KV cache and chunk buffer
+    stay split by heads in the state (pinned at init and after every commit), so each device keeps and reads
+    heads / P heads. Wrap it with FlowCache / MotionCache as on one device."""
+    heads = model.cfg.num_attention_heads
+    den = chunk_denoiser(model, config or RolloutConfig(), wrap_attention=heads_wrap(mesh, heads, axis=axis))
+
+    def place(state):
+        own = constrain_heads(state.own, mesh, heads, 3, axis)
+        return state.replace(cache=constrain_heads(state.cache, mesh, heads, 3, axis), own=own)
+
+    def init(spec):
+        return place(den.init(spec))
+
+    def commit(params, state, x0, context):
+        return place(den.commit(params, state, x0, context))
+
+    return dataclasses.replace(den, init=init, commit=commit, name=f"heads({den.name})")
+
+
 def rollout(model_or_den, noise: jax.Array, context: jax.Array, *, solver, guidance: float | None = None,
-            negative_context: jax.Array | None = None, config: RolloutConfig = RolloutConfig(),
-            progress: bool | str = False, check_finite: bool = True, params=None) -> RolloutOutput:
+            negative_context: jax.Array | None = None, config: RolloutConfig | None = None,
+            progress: bool | str = False, check_finite: bool = True, params=None, mesh=None,
+            axis: str = "seq") -> RolloutOutput:
     """Generate `noise.shape[1]` latent frames chunk by chunk (one compiled scan over chunks).
 
-    model_or_den: a block-causal `WanTransformer`, or a `chunk_denoiser` (possibly wrapped by a method).
+    model_or_den: a block-causal `WanTransformer` (then a `chunk_denoiser` with `config`, default
+    `RolloutConfig()`, is built), or a chunk denoiser (possibly wrapped by a method; `config` unused).
     noise: (B, F, H, W, C) with F a multiple of the chunk length. Other arguments as in `sample()`.
+    mesh: a (data, fsdp, seq) `Mesh` or spec string: the scan compiled with in/out shardings (params as placed
+    by `shard_params`, latents and contexts split by batch where it divides). A model then gets
+    `head_parallel_chunk_denoiser(model, mesh, config, axis=axis)`; a denoiser built that way keeps its KV
+    cache split by heads (a plain `chunk_denoiser` also runs: XLA partitions its attention as it likes).
+    Equal to one device up to float summation order, with the same decisions and counters.
     """
+    mesh = None if mesh is None else as_mesh(mesh)
     if isinstance(model_or_den, WanTransformer):
-        den = chunk_denoiser(model_or_den, config)
+        den = (chunk_denoiser(model_or_den, config or RolloutConfig()) if mesh is None
+               else head_parallel_chunk_denoiser(model_or_den, mesh, config, axis=axis))
     else:
         den = model_or_den
         if getattr(den, "commit", None) is None:
@@ -316,9 +350,18 @@ def rollout(model_or_den, noise: jax.Array, context: jax.Array, *, solver, guida
                             "`commit`)")
     guided, negative = check_sampler_args(den, solver, noise, guidance, context, negative_context, check_finite)
     num_chunks = _num_chunks(den, noise)
-    return run_sampler(_rollout_jit, den, solver, guided, num_chunks, den.params if params is None else params,
-                       noise, context, negative, jnp.float32(guidance if guided else 1.0),
-                       progress=progress, total=num_chunks * solver.num_steps, desc="rollout")
+    params = den.params if params is None else params
+    args = (params, noise, context, negative, jnp.float32(guidance if guided else 1.0))
+    total = num_chunks * solver.num_steps
+    if mesh is None:
+        return run_sampler(_rollout_jit, den, solver, guided, num_chunks, *args, progress=progress, total=total,
+                           desc="rollout")
+    batch, repl = batch_sharding(mesh, noise.shape[0]), NamedSharding(mesh, P())
+    args = (params, *jax.device_put(args[1:4], batch), args[4])                # inputs from any placement
+    fn = compile_on_mesh(_rollout_impl, (den, solver, bool(guided), num_chunks), placement(params, mesh),
+                         (batch, batch, batch, repl, repl), RolloutOutput(batch, None))
+    with jax.set_mesh(mesh):
+        return run_sampler(fn, *args, progress=progress, total=total, desc="rollout")
 
 
 def _num_chunks(den: Denoiser, noise) -> int:

@@ -136,7 +136,7 @@ def df_chunk_denoiser(model: WanTransformer, window_frames: int, *, wrap_attenti
     """The per-chunk diffusion-forcing denoiser over windows of `window_frames` latent frames (see module
     docstring). Its `init` spec is one chunk (B, frames per block, H, W, C); `spec.num_steps` the solver's
     steps (a chunk's calls when nothing is skipped). `wrap_attention`: applied to the chunk's self-attention
-    over the window buffer, e.g. `vidaccel.parallel.head_parallel_attention` (see `models.ar.sharding`)."""
+    over the window buffer, e.g. `vidaccel.parallel.head_parallel_attention` (see `df_sample(..., mesh=)`)."""
     if not isinstance(model, WanTransformer):
         raise TypeError(f"df_chunk_denoiser needs a WanTransformer, got {type(model).__name__}")
     cfg = model.cfg

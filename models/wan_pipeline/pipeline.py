@@ -12,12 +12,11 @@ transformer with the method applied, e.g. `teacache(wan_denoiser(pipe.transforme
 
 On a device mesh (`generate(..., mesh="fsdp=4,seq=2")`, `docs/parallel.md`) every part's weights are placed by
 its rules (`UMT5_RULES`, `WAN_RULES`, `VAE_RULES`) and the denoising runs sequence-parallel
-(`parallel_wan_denoiser`) through `sharded_sample` (T2V) or `df_sample` under the mesh (DF, whole windows).
+(`parallel_wan_denoiser`) through `sample(..., mesh=)` (T2V) or `df_sample(..., mesh=)` (DF, whole windows).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -43,7 +42,7 @@ from models.wan_pipeline.folder import PipelineFolder, read_pipeline_folder
 from models.wan_vae import WanVAE, denormalize_latents, load_wan_vae
 from models.wan_vae.sharding import VAE_RULES
 from vidaccel.checks import choice_arg, float_arg, int_arg
-from vidaccel.parallel import AXES, SEQ_ATTENTION, check_shardable, make_mesh, shard_params, sharded_sample
+from vidaccel.parallel import SEQ_ATTENTION, as_mesh, check_shardable, shard_params
 from vidaccel.sampling import sample
 from vidaccel.solvers import euler, unipc
 from vidaccel.transforms import Denoiser, DenoiseSpec, branch_states, total_work
@@ -101,17 +100,6 @@ class Pipeline:
             self._built["denoiser", attention] = parallel_wan_denoiser(self.transformer, self.mesh,
                                                                       attention=attention)
         return self._built["denoiser", attention]
-
-
-def as_mesh(mesh: Mesh | str) -> Mesh:
-    """`mesh` itself when it is a vidaccel (data, fsdp, seq) Mesh; a spec string gives `make_mesh(spec)` over all
-    devices (its error names the shapes that fit the device count)."""
-    if isinstance(mesh, str):
-        return make_mesh(mesh)
-    if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != AXES:
-        raise ValueError(f"mesh must be a spec like 'fsdp=4,seq=2' or a jax Mesh with axes {AXES} "
-                         f"(vidaccel.parallel.make_mesh); got {mesh!r}")
-    return mesh
 
 
 def _placed(module: nnx.Module, mesh: Mesh, rules) -> nnx.Module:
@@ -296,7 +284,7 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
     output: 'uint8' or 'float' ([0, 1]). progress: print each stage and a bar over the denoising steps.
     mesh: run on a device mesh (a Mesh or a spec like "fsdp=4,seq=2" over all devices): the parts' weights are
     placed by their rules (`Pipeline.on_mesh`), prompts encoded and latents decoded with them, the denoising
-    run by `sharded_sample` (T2V; CFG-parallel when data=2) or `df_sample` under the mesh (DF, whole-window
+    run by `sample(..., mesh=)` (T2V; CFG-parallel when data=2) or `df_sample(..., mesh=)` (DF, whole-window
     execution only). attention: "ulysses" (default) or "ring", the sequence-parallel self-attention of the
     default denoiser; a given `denoiser` should be built over `pipe.on_mesh(mesh)` (e.g. by
     `experiments.generate.method_denoiser`), and one that cannot run sharded is refused by `check_shardable`.
@@ -365,21 +353,13 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
             check_shardable(denoiser, spec)
 
         def run():
-            with jax.set_mesh(pipe.mesh) if pipe.mesh is not None else contextlib.nullcontext():
-                return df_sample(denoiser, x0, cond, ar_step=ar_step, window_frames=window, overlap_frames=overlap,
-                                 addnoise_condition=addnoise_condition,
-                                 noise_key=key_renoise if addnoise_condition and overlap else None,
-                                 execution=execution, params=params, **common)
-    elif pipe.mesh is not None:
-        # sharded_sample compiles with its own in_shardings, and a device array placed otherwise (the encoder's
-        # output comes split over d_model) is refused rather than moved: the contexts go in as host arrays.
-        common["negative_context"] = None if neg is None else np.asarray(neg)
-
-        def run():
-            return sharded_sample(denoiser, params, x0, np.asarray(cond), mesh=pipe.mesh, **common)
+            return df_sample(denoiser, x0, cond, ar_step=ar_step, window_frames=window, overlap_frames=overlap,
+                             addnoise_condition=addnoise_condition,
+                             noise_key=key_renoise if addnoise_condition and overlap else None,
+                             execution=execution, params=params, mesh=pipe.mesh, **common)
     else:
         def run():
-            return sample(denoiser, None, x0, cond, **common)
+            return sample(denoiser, params, x0, cond, mesh=pipe.mesh, **common)
     result = stage("denoise", run)
     video = stage("decode", lambda: decode(pipe, result.latents))
     frames_out = to_uint8(video) if output == "uint8" else np.asarray(video)
