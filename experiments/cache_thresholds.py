@@ -66,13 +66,19 @@ def mc_fraction(model, setup, rollout_config, frames: int, thresh: float, poly: 
 
 def choose_mc_threshold(fraction_of, target: float, start: float, log, *, iters: int = 6,
                         tol: float = 0.02, label: str = "MotionCache",
-                        unit: str = "the dense tokens") -> tuple[float, float]:
+                        unit: str = "the dense tokens", seen: dict[float, float] | None = None,
+                        interpolate: bool = False) -> tuple[float, float]:
     """The threshold whose selected fraction is closest to `target` (the fraction falls as the threshold
     grows): from `start`, step by 4x until the target is bracketed or the fraction stops moving (a warm-up
     floor or a full-compute ceiling), then bisect in log-threshold until within `tol`. `fraction_of(thresh)`
     runs the method (MotionCache here; any cache in `experiments.async_cache_table`, whose log lines `label`
-    and `unit` name); each threshold is evaluated once."""
-    seen: dict[float, float] = {}
+    and `unit` name); each threshold is evaluated once.
+
+    seen: threshold -> fraction already measured (updated in place), so searches for several targets share
+    their runs; a pair in it that brackets the target starts the bisection. interpolate: split the bracket
+    where the log-threshold line through its ends meets the target (kept inside its middle 80%) instead of
+    at its geometric middle; fewer runs when the fraction is smooth in the threshold."""
+    seen = {} if seen is None else seen
 
     def f(t):
         if t not in seen:
@@ -81,20 +87,29 @@ def choose_mc_threshold(fraction_of, target: float, start: float, log, *, iters:
         return seen[t]
 
     def done():
-        return min(abs(v - target) for v in seen.values()) <= tol
+        return bool(seen) and min(abs(v - target) for v in seen.values()) <= tol
 
-    lo = hi = start
-    step = 0.25 if f(start) < target else 4.0
-    while not done():
-        prev = lo if step < 1 else hi
-        lo, hi = (prev * step, prev) if step < 1 else (prev, prev * step)
-        nxt = lo if step < 1 else hi
-        if (f(nxt) - target) * (f(prev) - target) <= 0 or f(nxt) == f(prev):
-            break
+    above = [t for t, v in seen.items() if v > target]
+    below = [t for t, v in seen.items() if v <= target]
+    if above and below and max(above) < min(below):
+        lo, hi = max(above), min(below)
+    else:
+        lo = hi = start
+        step = 0.25 if f(start) < target else 4.0
+        while not done():
+            prev = lo if step < 1 else hi
+            lo, hi = (prev * step, prev) if step < 1 else (prev, prev * step)
+            nxt = lo if step < 1 else hi
+            if (f(nxt) - target) * (f(prev) - target) <= 0 or f(nxt) == f(prev):
+                break
     for _ in range(iters):
         if done() or f(lo) == f(hi):
             break
-        mid = math.sqrt(lo * hi)
+        a, b = math.log(lo), math.log(hi)
+        w = 0.5
+        if interpolate and f(lo) != f(hi):
+            w = min(max((f(lo) - target) / (f(lo) - f(hi)), 0.1), 0.9)
+        mid = math.exp(a + w * (b - a))
         if f(mid) > target:
             lo = mid
         else:
