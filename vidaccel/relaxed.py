@@ -11,7 +11,8 @@ of exactly 1 or 0 is the hard rule's compute or reuse. Three modes (static):
 As temperature -> 0 "soft" tends to "hard" (tests/test_relaxed.py checks decisions and outputs against
 `vidaccel.residual_cache`). Rules (`ThresholdRule`, `ScheduleRule`, the policy network `PolicyNetRule`) gate
 the whole block stack per call (`relaxed_cache`); `relaxed_layer_reuse` gates each layer's self-attention per
-call (reusing its output).
+call (reusing its output). On AR rollouts, `relaxed_rollout` runs `relaxed_cache(chunk_denoiser(model), rule)`
+chunk by chunk; a rule of scope "chunk" is FlowCache's per-chunk rule (tests/test_relaxed_ar.py).
 
 Policy parameters travel with the model's: a relaxed denoiser's `params` is `RelaxedParams(model, policy,
 temperature)`, so `jax.grad` of a loss of `relaxed_sample(den, params, ...)` with respect to `params.policy`
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +37,10 @@ from flax import nnx, struct
 
 from vidaccel.attention import dense_attention
 from vidaccel.checks import choice_arg, float_arg, int_arg
-from vidaccel.residual_cache import ResidualCacheConfig, indicator_value, relative_change, rescale
+from vidaccel.residual_cache import SCOPES, ResidualCacheConfig, indicator_value, relative_change, rescale
 from vidaccel.sampling import check_guidance, guided_velocity, init_branches
 from vidaccel.transforms import (
+    CFGBranches,
     Denoiser,
     DenoiseSpec,
     abstract_embedding,
@@ -118,6 +120,17 @@ def _check_params(params, rule) -> RelaxedParams:
 
 
 # ------------------------------------------------------------------------------------------------ rules
+class Call(NamedTuple):
+    """Where a call sits, as a rule sees it: `count` (traced) its index in its scope (the whole run, or its
+    chunk for scope="chunk"), `calls` the calls per scope, `index` (traced) its index in the run, `total`
+    the calls of the run per CFG branch (chunks x steps)."""
+
+    count: jax.Array
+    calls: int
+    index: jax.Array
+    total: int
+
+
 @dataclasses.dataclass(frozen=True)
 class ThresholdRule:
     """TeaCache/FlowCache's accumulated-change rule with a learnable threshold (policy {"log_thresh": ()}).
@@ -125,7 +138,8 @@ class ThresholdRule:
     Margin = (acc + delta - thresh) / thresh, a relative margin so that the temperature is scale-free; the
     relaxed accumulator after a call is (1 - g) * (acc + delta) (reset when computed). Warm-up, cut-off and
     changes above `max_change` force a computation (g = 1), as in `residual_cache`. `cfg.thresh` (> 0) is the
-    initial threshold; `cfg.scope` must be "video".
+    initial threshold; `cfg.scope` "chunk" (FlowCache, AR rollouts) restarts the warm-up, cut-off and
+    accumulator at every chunk.
     """
 
     cfg: ResidualCacheConfig
@@ -139,15 +153,23 @@ class ThresholdRule:
     def check_policy(self, policy) -> None:
         _check_keys(policy, {"log_thresh": ()}, "ThresholdRule")
 
-    def gate(self, policy, rs, emb, count, calls: int, temperature, mode):
-        ind, _, acc_next, forced = _accumulate(self.cfg, rs, emb, count, calls)
+    @property
+    def scope(self) -> str:
+        return self.cfg.scope
+
+    def gate(self, policy, rs, emb, call: Call, temperature, mode):
+        ind, _, acc_next, forced = _accumulate(self.cfg, rs, emb, call.count, call.calls)
         thresh = jnp.exp(policy["log_thresh"])
         safe = jnp.where(forced, thresh, acc_next)          # keeps inf/NaN out of the gradient
         g = jnp.where(forced, 1.0, gate((safe - thresh) / thresh, temperature, mode))
         return g, rs.replace(acc=((1.0 - g) * safe).astype(jnp.float32), prev=ind)
 
-    def rule_state(self, emb, calls: int):
+    def rule_state(self, emb, total: int):
         return _acc_state(self.cfg, emb)
+
+    def reset(self, rs):
+        """The state at a new scope (chunk): the accumulator restarts, as FlowCache's at a chunk commit."""
+        return rs.replace(acc=jnp.zeros_like(rs.acc))
 
 
 def _check_accumulator_cfg(cfg, name: str) -> None:
@@ -156,8 +178,8 @@ def _check_accumulator_cfg(cfg, name: str) -> None:
     if cfg.thresh <= 0:
         raise ValueError(f"{name} needs cfg.thresh > 0 (a learnable log-threshold / the feature scale), got "
                          f"{cfg.thresh}")
-    if cfg.scope != "video" or cfg.reuse != "hidden":
-        raise ValueError(f"{name} supports scope='video', reuse='hidden'")
+    if cfg.reuse != "hidden":
+        raise ValueError(f"{name} supports reuse='hidden' (the block-stack residual), not {cfg.reuse!r}")
 
 
 def _accumulate(cfg: ResidualCacheConfig, rs, emb, count, calls: int):
@@ -193,8 +215,9 @@ class PolicyNetRule:
     """A small policy network that reads what the accumulated-change rule reads and outputs the gate logit
     (`policy_net_logits`). Features per call (`NET_FEATURES`): the accumulator after the call acc + delta and
     the call's rescaled change delta, both in units of `cfg.thresh` (the calibrated threshold); the step
-    fraction count / (calls - 1); the relative change of the patch-embedded latent since the previous call
-    (content-dependent, unlike TeaCache's e0 indicator). The relaxed accumulator is (1 - g)(acc + delta).
+    fraction count / (calls - 1) (within the chunk for scope="chunk"); the relative change of the
+    patch-embedded latent since the previous call (content-dependent, unlike TeaCache's e0 indicator). The
+    relaxed accumulator is (1 - g)(acc + delta).
 
     Policy {"linear": (4,), "bias": (), "w_in": (4, hidden), "b_in": (hidden,), "w_out": (hidden,)},
     initialised at linear = (1, 0, 0, 0), bias = -1, w_out = 0 (W_in random with `seed`): the margin
@@ -224,7 +247,12 @@ class PolicyNetRule:
         _check_keys(policy, {"linear": (nf,), "bias": (), "w_in": (nf, self.hidden), "b_in": (self.hidden,),
                              "w_out": (self.hidden,)}, "PolicyNetRule")
 
-    def gate(self, policy, rs, emb, count, calls: int, temperature, mode):
+    @property
+    def scope(self) -> str:
+        return self.cfg.scope
+
+    def gate(self, policy, rs, emb, call: Call, temperature, mode):
+        count, calls = call.count, call.calls
         ind, delta, acc_next, forced = _accumulate(self.cfg, rs.acc_state, emb, count, calls)
         forced = forced | (count == 0)
         scale = jnp.float32(self.cfg.thresh)
@@ -234,29 +262,35 @@ class PolicyNetRule:
         g = jnp.where(forced, 1.0, gate(policy_net_logits(policy, f), temperature, mode))
         safe = jnp.where(forced, 0.0, acc_next)
         acc = rs.acc_state.replace(acc=((1.0 - g) * safe).astype(jnp.float32), prev=ind)
-        i = jnp.minimum(count, calls - 1)
+        i = jnp.minimum(call.index, call.total - 1)
         return g, _NetState(acc, emb.tokens, rs.features.at[i].set(f))
 
-    def rule_state(self, emb, calls: int):
+    def rule_state(self, emb, total: int):
         return _NetState(_acc_state(self.cfg, emb), jnp.zeros(emb.tokens.shape, emb.tokens.dtype),
-                         jnp.zeros((calls, len(NET_FEATURES)), jnp.float32))
+                         jnp.zeros((total, len(NET_FEATURES)), jnp.float32))
+
+    def reset(self, rs):
+        return rs.replace(acc_state=rs.acc_state.replace(acc=jnp.zeros_like(rs.acc_state.acc)))
 
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleRule:
-    """A free schedule: one gate per call (`calls` = steps, or chunks x steps flattened), the first call
-    forced. parametrization "logits": policy {"logits": (calls,)}, margin = logit; "gates": policy
-    {"gates": (calls,)}, the gate values themselves (clipped to [0, 1] in the forward pass, with gradient 1
-    also at 0 and 1; hard = gate >= 0.5), for sensitivities d(loss)/d(gate). `init` (calls,) sets the initial
-    policy (default: compute every call)."""
+    """A free schedule: one gate per call (`calls` = steps, or chunks x steps flattened, chunk-major), the first
+    call of each scope forced. scope "video" (one scope: the run) or "chunk" (AR rollouts: each chunk's first
+    call is computed, as it has no residual of its own). parametrization "logits": policy {"logits": (calls,)},
+    margin = logit; "gates": policy {"gates": (calls,)}, the gate values themselves (clipped to [0, 1] in the
+    forward pass, with gradient 1 also at 0 and 1; hard = gate >= 0.5), for sensitivities d(loss)/d(gate).
+    `init` (calls,) sets the initial policy (default: compute every call)."""
 
     calls: int
     parametrization: str = "logits"
     init: tuple[float, ...] | None = None
+    scope: str = "video"
 
     def __post_init__(self):
         int_arg("ScheduleRule.calls", self.calls, minimum=1)
         choice_arg("ScheduleRule.parametrization", self.parametrization, ("logits", "gates"))
+        choice_arg("ScheduleRule.scope", self.scope, SCOPES)
         if self.init is not None and len(self.init) != self.calls:
             raise ValueError(f"ScheduleRule.init has {len(self.init)} values for calls={self.calls}")
 
@@ -268,11 +302,11 @@ class ScheduleRule:
     def check_policy(self, policy) -> None:
         _check_keys(policy, {self.parametrization: (self.calls,)}, "ScheduleRule")
 
-    def gate(self, policy, rs, emb, count, calls: int, temperature, mode):
-        if calls != self.calls:
-            raise ValueError(f"the schedule has {self.calls} gates but this sampler makes {calls} calls per "
+    def gate(self, policy, rs, emb, call: Call, temperature, mode):
+        if call.total != self.calls:
+            raise ValueError(f"the schedule has {self.calls} gates but this sampler makes {call.total} calls per "
                              "branch; make the ScheduleRule with calls = steps (x chunks)")
-        v = policy[self.parametrization][jnp.minimum(count, self.calls - 1)]
+        v = policy[self.parametrization][jnp.minimum(call.index, self.calls - 1)]
         if self.parametrization == "gates":
             g = v + jax.lax.stop_gradient(jnp.clip(v, 0.0, 1.0) - v)   # clipped, with gradient 1 at 0 and 1
             if mode != "soft":
@@ -280,28 +314,45 @@ class ScheduleRule:
                 g = hard if mode == "hard" else hard + (g - jax.lax.stop_gradient(g))
         else:
             g = gate(v, temperature, mode)
-        return jnp.where(count == 0, 1.0, g), rs
+        return jnp.where(call.count == 0, 1.0, g), rs
 
-    def rule_state(self, emb, calls: int):
+    def rule_state(self, emb, total: int):
         return None
 
+    def reset(self, rs):
+        return rs
 
-def hard_schedule(rule: ScheduleRule, policy) -> np.ndarray:
-    """(calls,) bool: the hard decisions of a schedule policy (first call forced)."""
+
+def hard_schedule(rule: ScheduleRule, policy, steps: int | None = None) -> np.ndarray:
+    """(calls,) bool: the hard decisions of a schedule policy (the first call forced; with scope "chunk",
+    the first of every `steps` calls)."""
     v = np.asarray(policy[rule.parametrization])
-    out = v >= (0.5 if rule.parametrization == "gates" else 0.0)
+    return (v >= (0.5 if rule.parametrization == "gates" else 0.0)) | _forced_calls(rule, steps)
+
+
+def _forced_calls(rule: ScheduleRule, steps: int | None) -> np.ndarray:
+    """(calls,) bool: the calls a schedule always computes (each scope's first)."""
+    out = np.zeros(rule.calls, bool)
     out[0] = True
+    if rule.scope == "chunk":
+        if steps is None:
+            raise ValueError("a scope='chunk' schedule needs steps= (the calls per chunk) for its forced calls")
+        steps = int_arg("steps", steps, minimum=1)
+        if rule.calls % steps:
+            raise ValueError(f"a scope='chunk' schedule of {rule.calls} calls is not a whole number of chunks of "
+                             f"{steps} steps")
+        out[::steps] = True
     return out
 
 
-def top_k_schedule(rule: ScheduleRule, policy, budget: float) -> dict:
+def top_k_schedule(rule: ScheduleRule, policy, budget: float, steps: int | None = None) -> dict:
     """A logits policy whose hard schedule computes the round(budget * calls) calls of highest logit (the
-    first call always): the budget-exact hard version of a learned schedule."""
+    forced calls always, see `hard_schedule`): the budget-exact hard version of a learned schedule."""
     check_budget(budget)
     if rule.parametrization != "logits":
         raise ValueError("top_k_schedule needs a logits ScheduleRule")
     v = np.asarray(policy["logits"], np.float64).copy()
-    v[0] = np.inf
+    v[_forced_calls(rule, steps)] = np.inf
     k = max(1, int(round(budget * rule.calls)))
     keep = np.argsort(-v, kind="stable")[:k]
     out = np.full(v.shape, -1.0, np.float32)
@@ -315,8 +366,8 @@ def resample_schedule(rule: ScheduleRule, policy, calls: int) -> tuple[ScheduleR
     calls' fractions i / (rule.calls - 1) (the same shifted sigma schedule at both counts, so equal fractions
     are equal noise levels). Returns the new rule and policy; `top_k_schedule` then makes it budget-exact."""
     int_arg("calls", calls, minimum=1)
-    if rule.parametrization != "logits":
-        raise ValueError("resample_schedule needs a logits ScheduleRule")
+    if rule.parametrization != "logits" or rule.scope != "video":
+        raise ValueError("resample_schedule needs a logits ScheduleRule of scope 'video'")
     rule.check_policy(policy)
     old = np.linspace(0.0, 1.0, rule.calls) if rule.calls > 1 else np.zeros(1)
     new = np.linspace(0.0, 1.0, calls) if calls > 1 else np.zeros(1)
@@ -356,7 +407,8 @@ class RelaxedState:
     expected: () float32, sum over calls of g x the unit's share of a block-stack pass (differentiable).
     computed: () float32, the same with hard decisions (g >= 0.5) counted. gates: (calls,) each call's gate
     (for `relaxed_layer_reuse`, the mean over layers). residual: cached block-stack residual, or per-layer
-    attention outputs (layers, B, N, heads, head_dim).
+    attention outputs (layers, B, N, heads, head_dim). count: calls so far (in the run); calls: calls of the
+    run; scope_calls: calls per scope (the steps of a chunk for a rule of scope "chunk", else `calls`).
     """
 
     inner: Any
@@ -367,6 +419,11 @@ class RelaxedState:
     computed: jax.Array
     gates: jax.Array
     calls: int = struct.field(pytree_node=False, default=1)
+    scope_calls: int = struct.field(pytree_node=False, default=1)
+
+    def call(self) -> Call:
+        """The current call as a rule sees it (calls run scope by scope, each with `scope_calls` of them)."""
+        return Call(self.count % self.scope_calls, self.scope_calls, self.count, self.calls)
 
 
 def _calls(spec: DenoiseSpec) -> int:
@@ -375,28 +432,40 @@ def _calls(spec: DenoiseSpec) -> int:
 
 # ------------------------------------------------------------------------------------------------ step level
 def relaxed_cache(den: Denoiser, rule, *, mode: str = "straight_through") -> Denoiser:
-    """`den` (staged) with its whole block stack gated per call by `rule` (`ThresholdRule` or `ScheduleRule`):
-    tokens = x + g * (blocks(x) - x) + (1 - g) * cached residual. Its params are `RelaxedParams`."""
+    """`den` (staged) with its whole block stack gated per call by `rule` (`ThresholdRule`, `ScheduleRule`,
+    `PolicyNetRule`): tokens = x + g * (blocks(x) - x) + (1 - g) * cached residual. Its params are
+    `RelaxedParams`.
+
+    On an AR chunk denoiser (`models.ar.rollout.chunk_denoiser`, run by `relaxed_rollout`) a rule of scope
+    "chunk" works as FlowCache's per-chunk rule: at each chunk commit the accumulator restarts, and the warm-up,
+    cut-off (and a schedule's forced first call) count from the chunk's first call; the residual is that of
+    the chunk's last computed call (the forced first call refreshes it). Scope "video" runs one scope over
+    the whole rollout (TeaCache's)."""
     choice_arg("mode", mode, MODES)
     if not isinstance(rule, ThresholdRule | ScheduleRule | PolicyNetRule):
         raise TypeError(f"relaxed_cache needs a ThresholdRule, ScheduleRule or PolicyNetRule, got "
                         f"{type(rule).__name__}")
     if den.stages is None:
         raise ValueError(f"relaxed_cache needs a staged denoiser; {den.name!r} has none")
+    if rule.scope == "chunk" and den.commit is None:
+        raise ValueError(f"a {type(rule).__name__} of scope 'chunk' needs an AR chunk denoiser (one with `commit`, "
+                         "e.g. chunk_denoiser(model)); use scope='video' for text-to-video sampling")
     st = den.stages
 
     def init(spec: DenoiseSpec) -> RelaxedState:
         inner = den.init(spec)
         emb = abstract_embedding(den, inner, spec)
         z = jnp.zeros((), jnp.float32)
-        return RelaxedState(inner, rule.rule_state(emb, _calls(spec)), jnp.zeros(emb.tokens.shape, emb.tokens.dtype),
-                            jnp.zeros((), jnp.int32), z, z, jnp.zeros((_calls(spec),), jnp.float32), _calls(spec))
+        calls = _calls(spec)
+        return RelaxedState(inner, rule.rule_state(emb, calls), jnp.zeros(emb.tokens.shape, emb.tokens.dtype),
+                            jnp.zeros((), jnp.int32), z, z, jnp.zeros((calls,), jnp.float32), calls,
+                            spec.num_steps if rule.scope == "chunk" else calls)
 
     def apply(params, state: RelaxedState, x, t, context):
         params = _check_params(params, rule)
         temp = jax.lax.stop_gradient(params.temperature)
         emb, inner = st.embed(params.model, state.inner, x, t, context)
-        g, rs = rule.gate(params.policy, state.rule, emb, state.count, state.calls, temp, mode)
+        g, rs = rule.gate(params.policy, state.rule, emb, state.call(), temp, mode)
         if mode == "hard":
             def run(inner):
                 tokens, inner = st.blocks(params.model, inner, emb)
@@ -415,7 +484,13 @@ def relaxed_cache(den: Denoiser, rule, *, mode: str = "straight_through") -> Den
                               gates=state.gates.at[i].set(g))
         return out, state
 
-    out = wrap_denoiser(den, init=init, apply=apply, name=f"relaxed[{type(rule).__name__}]")
+    commit = None
+    if den.commit is not None:
+        def commit(params, state: RelaxedState, x0, context):
+            inner = den.commit(_check_params(params, rule).model, state.inner, x0, context)
+            return state.replace(inner=inner, rule=rule.reset(state.rule) if rule.scope == "chunk" else state.rule)
+
+    out = wrap_denoiser(den, init=init, apply=apply, name=f"relaxed[{type(rule).__name__}]", commit=commit)
     return dataclasses.replace(out, params=RelaxedParams(den.params, rule.init_policy(), jnp.float32(1.0), rule))
 
 
@@ -471,7 +546,7 @@ def relaxed_layer_reuse(den: Denoiser, rule: LayerRule, *, mode: str = "straight
         cache = jnp.zeros((cfg.num_layers, b, n, heads, hd), emb.tokens.dtype)
         share = attention_share(cfg, n, emb.context.shape[1])
         return RelaxedState(inner, jnp.float32(share), cache, jnp.zeros((), jnp.int32), z, z,
-                            jnp.zeros((_calls(spec),), jnp.float32), _calls(spec))
+                            jnp.zeros((_calls(spec),), jnp.float32), _calls(spec), _calls(spec))
 
     def apply(params, state: RelaxedState, x, t, context):
         params = _check_params(params, rule)
@@ -602,16 +677,68 @@ def relaxed_sample(den: Denoiser, params: RelaxedParams, noise: jax.Array, conte
     "nested" (default) also checkpoints segments of ceil(sqrt(steps)) steps, so about 2 sqrt(steps) carries
     are stored at a time, for one more forward pass.
     """
+    guided, negative, scale = _check_relaxed_run(den, noise, context, guidance, negative_context, remat)
+    spec = DenoiseSpec(jax.ShapeDtypeStruct(noise.shape, noise.dtype),
+                       jax.ShapeDtypeStruct(context.shape, context.dtype), solver.num_steps)
+    x, dstate, xs = _relaxed_steps(den, params, solver, guided, scale, context, negative, remat, trajectory,
+                                   noise, init_branches(den, spec, guided))
+    return RelaxedOutput(x, dstate, xs)
+
+
+def relaxed_rollout(den: Denoiser, params: RelaxedParams, noise: jax.Array, context: jax.Array, *, solver,
+                    guidance: float | None = None, negative_context=None, remat: bool | str = "nested",
+                    trajectory: bool = False) -> RelaxedOutput:
+    """`relaxed_sample` for an AR rollout, differentiable: the chunk loop of `models.ar.rollout.rollout` (a
+    `lax.scan` over chunks, each denoised with every solver step against the KV cache, then committed) for
+    `den` = `relaxed_cache(chunk_denoiser(model, ...), rule)`. noise (B, F, H, W, C), F a multiple of the chunk
+    length. remat as in `relaxed_sample` within each chunk; with remat each chunk is also checkpointed (the
+    backward pass stores one carry, mainly the KV cache, per chunk). `trajectory`: the latents before every
+    call, (chunks, steps, B, frames of a chunk, H, W, C)."""
+    guided, negative, scale = _check_relaxed_run(den, noise, context, guidance, negative_context, remat)
+    if den.commit is None:
+        raise ValueError(f"relaxed_rollout needs a relaxed AR chunk denoiser (relaxed_cache(chunk_denoiser(model), "
+                         f"rule)); {den.name!r} has no commit")
+    cfg = den.config
+    fpb = cfg.num_frame_per_block * cfg.patch_size[0]
+    b, f = noise.shape[:2]
+    if f % fpb:
+        raise ValueError(f"noise has {f} latent frames; relaxed_rollout needs a multiple of the chunk length {fpb} "
+                         "(num_frame_per_block x temporal patch)")
+    chunks = noise.reshape(b, f // fpb, fpb, *noise.shape[2:]).swapaxes(0, 1)
+    spec = DenoiseSpec(jax.ShapeDtypeStruct(chunks.shape[1:], noise.dtype),
+                       jax.ShapeDtypeStruct(context.shape, context.dtype), solver.num_steps, f // fpb)
+
+    def per_chunk(dstate, x_noise):
+        x0, dstate, xs = _relaxed_steps(den, params, solver, guided, scale, context, negative, remat, trajectory,
+                                        x_noise, dstate)
+        if guided:
+            dstate = CFGBranches(den.commit(params, dstate.cond, x0, context),
+                                 den.commit(params, dstate.uncond, x0, negative))
+        else:
+            dstate = den.commit(params, dstate, x0, context)
+        return dstate, (x0, xs)
+
+    if remat:
+        per_chunk = jax.checkpoint(per_chunk)
+    dstate, (out, xs) = jax.lax.scan(per_chunk, init_branches(den, spec, guided), chunks)
+    return RelaxedOutput(out.swapaxes(0, 1).reshape(noise.shape), dstate, xs if trajectory else None)
+
+
+def _check_relaxed_run(den, noise, context, guidance, negative_context, remat):
+    """Checks shared by the relaxed samplers; returns (guided, negative context, guidance scale)."""
     _rule_of(den)
     if remat not in REMATS:
         raise ValueError(f"remat={remat!r} is not allowed; choose one of {REMATS}")
     if getattr(noise, "ndim", None) != 5:
         raise ValueError(f"noise must be channels-last latents (B, F, H, W, C); got shape {jnp.shape(noise)}")
     guided, negative = check_guidance(guidance, context, negative_context, noise, False)
+    return guided, negative, jnp.float32(guidance if guided else 1.0)
+
+
+def _relaxed_steps(den, params, solver, guided, scale, context, negative, remat, trajectory, noise, dstate):
+    """Every solver step from `noise` with denoiser state `dstate` (remat as `relaxed_sample`'s); returns
+    (latents, dstate, latents before every step or None)."""
     n = solver.num_steps
-    spec = DenoiseSpec(jax.ShapeDtypeStruct(noise.shape, noise.dtype),
-                       jax.ShapeDtypeStruct(context.shape, context.dtype), n)
-    scale = jnp.float32(guidance if guided else 1.0)
     timesteps = jnp.asarray(solver.timesteps, jnp.float32)
 
     def step(carry, i):
@@ -623,7 +750,7 @@ def relaxed_sample(den: Denoiser, params: RelaxedParams, noise: jax.Array, conte
 
     if remat:
         step = jax.checkpoint(step)
-    carry = (noise, solver.init(noise), init_branches(den, spec, guided))
+    carry = (noise, solver.init(noise), dstate)
     if remat == "nested":
         k = math.isqrt(n - 1) + 1
         segments = -(-n // k)
@@ -640,7 +767,7 @@ def relaxed_sample(den: Denoiser, params: RelaxedParams, noise: jax.Array, conte
         xs = None if not trajectory else xs.reshape(segments * k, *xs.shape[2:])[:n]
     else:
         (x, _, dstate), xs = jax.lax.scan(step, carry, jnp.arange(n, dtype=jnp.int32))
-    return RelaxedOutput(x, dstate, xs if trajectory else None)
+    return x, dstate, (xs if trajectory else None)
 
 
 def compute_fraction(state, *, hard: bool = False) -> jax.Array:
@@ -666,6 +793,7 @@ def _find(state) -> RelaxedState:
 
 __all__ = ["MODES", "gate", "check_temperature", "check_budget", "RelaxedParams", "relaxed_params", "ThresholdRule",
            "NET_FEATURES", "policy_net_logits", "PolicyNetRule", "ScheduleRule", "LayerRule", "hard_schedule",
-           "top_k_schedule", "resample_schedule", "RelaxedState", "relaxed_cache",
+           "top_k_schedule", "resample_schedule", "Call", "RelaxedState", "relaxed_cache",
            "attention_share", "relaxed_layer_reuse", "soft_token_gates", "soft_block_mask",
-           "block_weighted_attention", "RelaxedOutput", "REMATS", "relaxed_sample", "compute_fraction", "gates_of"]
+           "block_weighted_attention", "RelaxedOutput", "REMATS", "relaxed_sample", "relaxed_rollout",
+           "compute_fraction", "gates_of"]

@@ -1,6 +1,6 @@
-"""python -m experiments.cache_policy [memory|sensitivity|pareto|transfer|all] [--steps N] [--out DIR]
+"""python -m experiments.cache_policy [memory|sensitivity|pareto|transfer|all] [--model t2v|ar] [--steps N] [--out DIR]
 
-Differentiable studies of cache policies on the embedded shapes t2v model (CPU; see docs/cache_policies.md):
+Differentiable studies of cache policies on the embedded shapes models (CPU; see docs/cache_policies.md):
 - memory: compiled memory of the gradient through a 50-step sample vs a 1-step one, with and without
   per-step rematerialisation;
 - sensitivity: d log(final error) / d(gate) per step at calibrated TeaCache's decisions, beside its indicator;
@@ -8,6 +8,9 @@ Differentiable studies of cache policies on the embedded shapes t2v model (CPU; 
   schedule, hard decisions on held-out prompts, compute counted by the transforms' counters;
 - transfer: threshold, schedule and policy network learned at one budget (the last of --budgets), evaluated
   on held-out prompts, at --transfer-steps steps and at --transfer-frames latent frames (transfer.py).
+With --model ar (the shapes AR model, FlowCache instead of TeaCache) only sensitivity runs: d log(final
+error) / d(gate) per (chunk, step) of --chunks chunks at FlowCache's decisions (ar.py), on --train-prompts
+prompts; it writes <out>/sensitivity_ar.*.
 Writes <out>/<study>.json, .md and .png (results/cache_policy/ by default).
 """
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.cache_policy.ar import ar_sensitivity, make_ar_setup
 from experiments.cache_policy.study import (
     calibrate,
     evaluate,
@@ -99,6 +103,91 @@ def _plot_sensitivity(rep, path):
     plt.close(fig)
 
 
+def run_ar_sensitivity(setup, out: Path, budget: float = 0.5, flips: bool = True, log=print) -> dict:
+    rep = ar_sensitivity(setup, budget, flips=flips, log=log)
+    write_ar_sensitivity(rep, out, log)
+    return rep
+
+
+def write_ar_sensitivity(rep: dict, out: Path, log=print) -> None:
+    """sensitivity_ar.{json,md,png} from `ar_sensitivity`'s report (adds the summary figures to it)."""
+    rep = {k: np.asarray(rep[k]) if k in _AR_ARRAYS else v for k, v in rep.items()}
+    steps, chunks = rep["steps"], rep["chunks"]
+    sched, grad, flip = rep["flowcache_schedule"], rep["gradient"], rep["flip_effect"]
+    free = np.arange(steps) > 0                                 # each chunk's first call is always computed
+    predicted = np.where(sched > 0, -1.0, 1.0) * grad           # first-order prediction of a flip
+    ok = free[None, :] & np.isfinite(flip)
+    rep["corr_gradient_vs_flip"] = float(np.corrcoef(predicted[ok], flip[ok])[0, 1]) if ok.sum() > 2 else None
+    ind = rep["indicator_rescaled"]
+    fin = free[None, :] & np.isfinite(ind)
+    rep["corr_abs_gradient_vs_indicator"] = float(np.corrcoef(np.abs(grad[fin]), ind[fin])[0, 1])
+    per_chunk = [{"chunk": c, "computed": int(sched[c].sum()), "sum_abs_grad": float(np.abs(grad[c]).sum()),
+                  "sum_abs_grad_reused": float(np.abs(grad[c][sched[c] == 0]).sum()),
+                  "max_grad_step": int(np.argmax(np.abs(grad[c])))} for c in range(chunks)]
+    rep["per_chunk"] = per_chunk
+    fd_steps = rep["fd_steps"]
+    rows = [{"chunk": c, "step": i, "fc": int(sched[c, i]), "ind": ind[c, i], "grad": grad[c, i], "flip": flip[c, i]}
+            for c in range(chunks) for i in range(steps)]
+    corr = rep["corr_gradient_vs_flip"]
+    md = ["# Sensitivity of the final error to each (chunk, step) decision on AR rollouts\n",
+          f"Shapes AR model, {chunks} chunks x {steps} UniPC steps, CFG {rep['guidance']}, {len(rep['prompts'])} "
+          f"training prompts, rolling window of 3 chunks. FlowCache-SkyReels (per-chunk accumulator, warm-up "
+          f"{rep['warmup']}, forced last call, e0 indicator with the polynomial fitted on this rollout) at threshold "
+          f"{rep['flowcache_threshold']:.4g}, computing {rep['flowcache_fraction']:.3f} of the calls (rel. MSE "
+          f"{rep['rel_mse_flowcache']:.3e} vs dense). grad = d log(rel. MSE of final latents) / d g (g = 1 "
+          "computes) at FlowCache's gates, through `relaxed_rollout` (chunk-scope `ScheduleRule`, soft gates "
+          f"exactly 0/1; its latents equal the FlowCache rollout's within {rep['parity_max_abs_diff']:.1e}, rounding "
+          f"amplified along the rollout: scaling the noise by 1 + {rep['nudge']:g} moves the dense rollout's latents "
+          f"by {rep['nudged_dense_max_abs_diff']:.1e}). "
+          "flip = measured change of log(rel. MSE) when only that call's decision is flipped.\n",
+          f"- correlation of the first-order prediction of a flip (-grad at computed, +grad at reused calls) with "
+          f"the measured flips (calls 1.. of each chunk): {'-' if corr is None else f'{corr:.2f}'}",
+          f"- correlation of |grad| with FlowCache's rescaled indicator (calls 1.. of each chunk): "
+          f"{rep['corr_abs_gradient_vs_indicator']:.2f}",
+          f"- gradient check (one-sided differences of steps {fd_steps[0]:g} / {fd_steps[1]:g} in the gate, 3 "
+          "largest gradients): " + ", ".join(
+              f"{k}: {v['gradient']:+.3f} vs {v[f'finite_difference_{fd_steps[0]:g}']:+.3f} / "
+              f"{v[f'finite_difference_{fd_steps[1]:g}']:+.3f}" for k, v in rep["finite_difference_check"].items())
+          + "\n",
+          "Per chunk:\n",
+          markdown_table(per_chunk, {"chunk": "chunk", "FlowCache computes": "computed",
+                                     "sum of abs. grad": lambda r: f"{r['sum_abs_grad']:.3f}",
+                                     "... at reused calls": lambda r: f"{r['sum_abs_grad_reused']:.3f}",
+                                     "step of largest abs. grad": "max_grad_step"}),
+          "\nPer call:\n",
+          markdown_table(rows, {"chunk": "chunk", "step": "step", "FlowCache computes": "fc",
+                                "rescaled e0 change": lambda r: f"{r['ind']:.4f}",
+                                "d log err / d g": lambda r: f"{r['grad']:+.4f}",
+                                "flip effect": lambda r: "-" if not np.isfinite(r["flip"]) else f"{r['flip']:+.3f}"})]
+    write_results(out, "sensitivity_ar", rep, "\n".join(md))
+    plot_or_skip(_plot_ar_sensitivity, rep, out / "sensitivity_ar.png", log=log)
+
+
+_AR_ARRAYS = ("flowcache_schedule", "gradient", "flip_effect", "indicator_change", "indicator_rescaled")
+
+
+def _plot_ar_sensitivity(rep, path):
+    plt = pyplot()
+    grad, sched, ind = rep["gradient"], rep["flowcache_schedule"], rep["indicator_rescaled"]
+    fig, ax = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+    lim = float(np.nanmax(np.abs(grad))) or 1.0
+    im = ax[0].imshow(grad, aspect="auto", cmap="coolwarm", vmin=-lim, vmax=lim)
+    cy, cx = np.nonzero(sched == 0)
+    ax[0].plot(cx, cy, "kx", ms=4, label="FlowCache reuses")
+    ax[0].set_ylabel("chunk")
+    ax[0].set_title("d log err / d g per (chunk, step)")
+    ax[0].legend(loc="upper right", fontsize=7)
+    fig.colorbar(im, ax=ax, shrink=0.6)
+    for c in range(rep["chunks"]):
+        ax[1].plot(np.arange(1, rep["steps"]), ind[c, 1:], "o-", ms=3, label=f"chunk {c}")
+    ax[1].set_ylabel("FlowCache rescaled e0 change")
+    ax[1].set_title("FlowCache's indicator (e0: a function of the timestep, the same in every chunk)", fontsize=9)
+    ax[1].set_xlabel("step in chunk")
+    ax[1].legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run_pareto(setup, cal, out: Path, budgets, iters: int, log=print) -> dict:
     steps = setup.solver.num_steps
     rows, learned = [], {}
@@ -155,6 +244,10 @@ def _plot_pareto(rows, path):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m experiments.cache_policy", description=__doc__.splitlines()[2])
     ap.add_argument("study", nargs="?", default="all", choices=(*STUDIES, "all"))
+    ap.add_argument("--model", default="t2v", choices=("t2v", "ar"),
+                    help="ar: the AR model with FlowCache (sensitivity only)")
+    ap.add_argument("--chunks", type=int, default=4, help="chunks per video of the AR study")
+    ap.add_argument("--no-flips", action="store_true", help="AR sensitivity: skip the one-at-a-time flips")
     ap.add_argument("--steps", type=int, default=20, help="sampler steps of the sensitivity and pareto studies")
     ap.add_argument("--train-prompts", type=int, default=2)
     ap.add_argument("--heldout-prompts", type=int, default=4)
@@ -165,6 +258,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
+    if a.model == "ar":
+        if a.study not in ("sensitivity", "all"):
+            raise SystemExit(f"--model ar runs the sensitivity study only, not {a.study!r}")
+        run_ar_sensitivity(make_ar_setup(steps=a.steps, prompts=a.train_prompts, chunks=a.chunks), a.out,
+                           flips=not a.no_flips)
+        print(f"done in {time.perf_counter() - t0:.0f} s; results in {a.out}")
+        return
     setup = make_setup(steps=a.steps, train_prompts=a.train_prompts, heldout_prompts=a.heldout_prompts)
     todo = STUDIES if a.study == "all" else (a.study,)
     if "memory" in todo:
