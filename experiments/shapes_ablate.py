@@ -45,6 +45,9 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "rope_theta": ({"rope_theta": 100.0}, "RoPE base 100 instead of 10,000 (positions vary over an 8x8x8 grid)"),
     "text_init": ({"text_init": "xavier"}, "xavier text projection instead of N(0, 0.02)"),
     "noise_high": ({"shift": 8.0}, "training noise levels through shift 8 instead of 3 (more high noise)"),
+    "overfit1_heads1": ({"prompt_pool": 1, "heads": 1},
+                        "overfit1 with 1 head of 128 (attention logits capped near +-11 instead of +-5.7)"),
+    "overfit1_heads2": ({"prompt_pool": 1, "heads": 2}, "overfit1 with 2 heads of 64"),
 }
 
 
