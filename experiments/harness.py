@@ -221,6 +221,16 @@ def write_results(out_dir, name: str, report: Mapping, markdown: str | None = No
     return paths
 
 
+def publish(json_path, report: Mapping, markdown: str) -> list[Path]:
+    """`write_results` to `json_path` and its `.md` sibling, then print the markdown and where it went (what a
+    study command ends with)."""
+    json_path = Path(json_path)
+    paths = write_results(json_path.parent, json_path.stem, report, markdown)
+    print(markdown)
+    print(f"wrote {paths[0]} and {paths[1].name}")
+    return paths
+
+
 class PlotsUnavailable(ModuleNotFoundError):
     """matplotlib, the optional `plots` extra, is not installed."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.harness import markdown_table, write_results
+from experiments.harness import markdown_table, publish
 from models.shapes import encode_prompts, encode_video, sample_prompts
 from models.shapes.pretrained import load_shapes_model
 from models.shapes.render import render_batch
@@ -93,10 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     res = {"n": a.n, "seed": a.seed, "checkpoints": {k: None if v is None else str(v) for k, v in models.items()},
            "models": {name: coupling(load_shapes_model("t2v", path=path), prompts, a.seed)
                       for name, path in models.items()}}
-    md = report_markdown(res)
-    paths = write_results(a.out.parent, a.out.stem, res, md)
-    print(md)
-    print(f"wrote {paths[0]} and {paths[1].name}")
+    publish(a.out, res, report_markdown(res))
 
 
 if __name__ == "__main__":

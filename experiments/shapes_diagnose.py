@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.harness import markdown_table, write_results
+from experiments.harness import markdown_table, publish
 from models.shapes import CRITERIA, adherence, decode_latents, encode_prompts, encode_video, sample_prompts
 from models.shapes.pretrained import generate_t2v, load_shapes_model, training_info
 from models.shapes.render import render_batch
@@ -91,10 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = sample_prompts(a.n, 0, "heldout")
     res = {"n": a.n, "seed": a.seed, "training": training_info("t2v", a.checkpoint),
            "denoise": denoise_by_level(model, prompts, a.seed), "samplers": sampler_sweep(model, prompts, a.seed)}
-    md = report_markdown(res)
-    paths = write_results(a.out.parent, a.out.stem, res, md)
-    print(md)
-    print(f"wrote {paths[0]} and {paths[1].name}")
+    publish(a.out, res, report_markdown(res))
 
 
 if __name__ == "__main__":
