@@ -305,9 +305,10 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
         pipe = pipe.on_mesh(mesh)
         attention = choice_arg("attention", "ulysses" if attention is None else attention, tuple(SEQ_ATTENTION))
         if execution == "chunks":
-            raise ValueError("execution='chunks' (FlowCache, MotionCache) cannot run on a mesh: the per-window K/V "
-                             "buffer is not split over devices; on a mesh DF folders run whole windows "
-                             "(execution='window': dense or teacache)")
+            raise ValueError("execution='chunks' (FlowCache, MotionCache) cannot run on a mesh through generate "
+                             "yet (their denoisers are not built head-parallel here; models.ar.df_sample(..., "
+                             "mesh=) runs them); on a mesh DF folders run whole windows (execution='window': "
+                             "dense or teacache)")
     prompts = _prompt_list("prompt", prompt, None)
     negatives = _prompt_list("negative_prompt", negative_prompt, len(prompts))
     lat_shape = check_video_size(pipe, frames, height, width)
