@@ -5,8 +5,11 @@ grid (one column per prompt, upscaled), and reports wall time (compiled runs, ti
 over dense, model calls and block-stack passes (TeaCache skips passes, not calls), prompt adherence, and
 PSNR/SSIM against the dense run (`experiments.harness.video_fidelity`). The accelerated methods are the
 presets of `experiments.shapes_presets`, with the packaged calibrations; the report says which calibration
-each row used. Everything lands in one output folder (`report.json`, `report.md`, `<method>.gif`) and a
-summary table is printed.
+each row used. To show what each prompt asks for, it also renders every prompt with the shapes world's
+renderer (`ground_truth.gif`, same column order; one of the many videos a prompt allows, since object
+placement is random) and stacks ground truth, dense and every method as rows of one GIF (`compare.gif`).
+Everything lands in one output folder (`report.json`, `report.md`, `<method>.gif`, `ground_truth.gif`,
+`compare.gif`) and a summary table is printed.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import numpy as np
 
 from experiments.harness import interleaved_times, machine, markdown_table, video_fidelity, write_results
 from experiments.shapes_presets import calibration_note, shapes_haste, shapes_teacache
-from models.shapes import VIDEO_SIZE, adherence, sample_prompts
+from models.shapes import LATENT_FRAMES, VIDEO_SIZE, adherence, sample_prompts
 from models.shapes.pretrained import generate_t2v, load_shapes_model, training_info
+from models.shapes.render import render_batch
 from models.wan.denoiser import wan_denoiser
 from vidaccel.checks import float_arg, int_arg
 from vidaccel.transforms import Denoiser, total_work
@@ -50,12 +54,21 @@ def check_num_prompts(num_prompts) -> int:
 
 
 def write_gif(videos: np.ndarray, path: Path, scale: int = GIF_SCALE, fps: int = 8) -> None:
-    """Videos (B, T, H, W, 3) uint8 -> one looping GIF, the B videos side by side, upscaled `scale`x (nearest)."""
-    b, t, h, w, _ = videos.shape
-    if b * w * scale > GIF_MAX_WIDTH:
-        raise ValueError(f"{b} videos of width {w} upscaled {scale}x are {b * w * scale:,} pixels wide; a GIF holds "
-                         f"at most {GIF_MAX_WIDTH:,}")
-    grid = videos.transpose(1, 2, 0, 3, 4).reshape(t, h, b * w, 3)
+    """Videos -> one looping GIF, upscaled `scale`x (nearest).
+
+    (B, T, H, W, 3) uint8 lays the B videos side by side; (R, B, T, H, W, 3) adds R rows of them (e.g. ground
+    truth above each method's samples of the same prompts).
+    """
+    if videos.ndim == 5:
+        videos = videos[None]
+    if videos.ndim != 6 or videos.shape[-1] != 3:
+        raise ValueError(f"write_gif: videos shape {videos.shape} is invalid; expected (B, T, H, W, 3) or "
+                         f"(R, B, T, H, W, 3)")
+    r, b, t, h, w, _ = videos.shape
+    if b * w * scale > GIF_MAX_WIDTH or r * h * scale > GIF_MAX_WIDTH:
+        raise ValueError(f"{r} x {b} videos of {h} x {w} upscaled {scale}x are {r * h * scale:,} x {b * w * scale:,} "
+                         f"pixels; a GIF holds at most {GIF_MAX_WIDTH:,} per side")
+    grid = videos.transpose(2, 0, 3, 1, 4, 5).reshape(t, r * h, b * w, 3)
     grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
     iio.imwrite(path, grid, extension=".gif", duration=int(1000 / fps), loop=0)
 
@@ -89,12 +102,15 @@ def run_demo(out_dir: Path = DEFAULT_OUT, *, num_prompts: int = 4, steps: int = 
         return generate_t2v(den, prompts, seed=seed, steps=steps, guidance=guidance, progress=progress)
 
     dens = {name: DEMO_METHODS[name][0](model, steps, log) for name in methods}   # calibrates first if needed
-    rows = []
+    truth = render_batch(prompts, num_frames=2 * LATENT_FRAMES, seeds=[seed * 100_003 + i for i in range(num_prompts)])
+    write_gif(truth, out_dir / "ground_truth.gif")
+    rows, samples = [], [truth]
     for name in methods:
         note = DEMO_METHODS[name][1]
         log(f"[{name}] compiling and sampling {num_prompts} prompts, UniPC {steps} steps, CFG {guidance} ...")
         gen = generate(dens[name], progress=name)
         write_gif(gen.videos, out_dir / f"{name}.gif")
+        samples.append(gen.videos)
         adh = adherence(gen.videos, prompts)
         work = total_work(gen.state)
         row = {"method": name, "first_call_seconds": round(gen.seconds, 3), "model_calls": work["calls"],
@@ -108,6 +124,8 @@ def run_demo(out_dir: Path = DEFAULT_OUT, *, num_prompts: int = 4, steps: int = 
         if note is not None:
             row["setup"] = calibration_note(note, steps=steps)
         rows.append(row)
+    write_gif(np.stack(samples), out_dir / "compare.gif")
+    truth_adh = adherence(truth, prompts)["score"]
     log("timing a compiled run of every method (round-robin) ...")
     times = interleaved_times({name: (lambda den=den: generate(den).videos) for name, den in dens.items()}, 1)
     for row in rows:
@@ -116,16 +134,19 @@ def run_demo(out_dir: Path = DEFAULT_OUT, *, num_prompts: int = 4, steps: int = 
             row["speedup"] = round(times["dense"][0] / times[row["method"]][0], 3)
     report = {"prompts": prompts, "seed": seed, "steps": steps, "guidance": guidance, "solver": "unipc",
               "model": training_info("t2v"), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
-              "methods": rows}
+              "ground_truth_adherence": round(truth_adh, 4), "methods": rows}
     table = format_table(rows)
     md = ["# vidaccel demo", "", "Prompts (GIF columns, left to right):", ""]
     md += [f"{i + 1}. {p}" for i, p in enumerate(prompts)]
+    md += ["", f"`ground_truth.gif`: each prompt rendered by the shapes world (adherence {truth_adh:.3f}); "
+           f"`compare.gif`: rows ground truth, {', '.join(methods)}."]
     md += ["", f"UniPC {steps} steps, CFG {guidance}, seed {seed}; seconds = a compiled run, methods timed "
            "round-robin.", "", table, ""]
     md += [f"- {r['method']}: {r['setup']}" for r in rows if "setup" in r]
     write_results(out_dir, "report", report, "\n".join(md))
     log(table)
-    log(f"wrote {out_dir}/report.md, report.json and {', '.join(f'{m}.gif' for m in methods)}")
+    gifs = ", ".join(f"{m}.gif" for m in ["ground_truth", *methods, "compare"])
+    log(f"wrote {out_dir}/report.md, report.json and {gifs}")
     return report
 
 

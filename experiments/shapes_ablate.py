@@ -48,6 +48,11 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "overfit1_heads1": ({"prompt_pool": 1, "heads": 1},
                         "overfit1 with 1 head of 128 (attention logits capped near +-11 instead of +-5.7)"),
     "overfit1_heads2": ({"prompt_pool": 1, "heads": 2}, "overfit1 with 2 heads of 64"),
+    "overfit1_rope": ({"prompt_pool": 1, "rope_theta": 100.0},
+                      "overfit1 with RoPE base 100 (4 heads of 32): do positions that vary over the grid help?"),
+    "overfit1_attn": ({"prompt_pool": 1, "heads": 1, "rope_theta": 100.0, "decay_all": False},
+                      "overfit1 with every attention lever at once: 1 head of 128, RoPE base 100, no decay on "
+                      "norms/biases/embeddings"),
 }
 
 

@@ -43,6 +43,15 @@ def test_write_gif_lays_videos_side_by_side(tmp_path):
         assert np.abs(first[:, 12 * b:12 * (b + 1)] - want).mean() < 24
     with pytest.raises(ValueError, match="at most 65,535"):
         demo.write_gif(np.zeros((2, 1, 4, 40_000, 3), np.uint8), tmp_path / "wide.gif", scale=1)
+    rows = rng.integers(0, 256, (2, 3, 5, 4, 6, 3), dtype=np.uint8)     # (R, B, T, H, W, 3): rows of videos
+    demo.write_gif(rows, tmp_path / "rows.gif", scale=1)
+    frames = iio.imread(tmp_path / "rows.gif", index=None)[..., :3].astype(int)
+    assert frames.shape[:3] == (5, 8, 18)
+    for r in range(2):
+        for b in range(3):
+            assert np.abs(frames[0, 4 * r:4 * (r + 1), 6 * b:6 * (b + 1)] - rows[r, b, 0]).mean() < 24
+    with pytest.raises(ValueError, match="expected"):
+        demo.write_gif(np.zeros((4, 6, 3), np.uint8), tmp_path / "bad.gif")
 
 
 def test_tiny_demo_writes_report_and_gifs(tmp_path):
@@ -57,6 +66,11 @@ def test_tiny_demo_writes_report_and_gifs(tmp_path):
         assert f"| {row['method']} |" in md and row["seconds"] > 0 and 0.0 <= row["adherence"] <= 1.0
         if row["method"] != "dense":
             assert row["setup"] in md and row["psnr_vs_dense"] <= 100.0 and row["speedup"] > 0
+    truth = iio.imread(tmp_path / "ground_truth.gif", index=None)
+    assert truth.shape[:3] == (VIDEO_FRAMES, VIDEO_SIZE * demo.GIF_SCALE, VIDEO_SIZE * demo.GIF_SCALE)
+    assert saved["ground_truth_adherence"] > 0.9 and "ground_truth.gif" in md    # a render follows its prompt
+    rows = len(saved["methods"]) + 1
+    assert iio.imread(tmp_path / "compare.gif", index=None).shape[1] == rows * VIDEO_SIZE * demo.GIF_SCALE
     # TeaCache's packaged calibration is for 50 steps: at 4 it calibrates on the spot, and the report says so
     assert "calibrated on the spot" in saved["methods"][1]["setup"]
     assert "per-head thresholds from ebc_xattention.json" in saved["methods"][2]["setup"]
