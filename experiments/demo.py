@@ -23,9 +23,8 @@ import numpy as np
 
 from experiments.harness import interleaved_times, machine, markdown_table, video_fidelity, write_results
 from experiments.shapes_presets import calibration_note, shapes_haste, shapes_teacache
-from models.shapes import LATENT_FRAMES, VIDEO_SIZE, adherence, sample_prompts
+from models.shapes import LATENT_FRAMES, VIDEO_SIZE, adherence, render_batch, sample_prompts
 from models.shapes.pretrained import generate_t2v, load_shapes_model, training_info
-from models.shapes.render import render_batch
 from models.wan.denoiser import wan_denoiser
 from vidaccel.checks import float_arg, int_arg
 from vidaccel.transforms import Denoiser, total_work
