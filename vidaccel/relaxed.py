@@ -106,7 +106,10 @@ def _rule_of(den: Denoiser):
     return den.params.rule
 
 
-def _check_params(params, rule) -> RelaxedParams:
+def check_relaxed_params(params, rule) -> RelaxedParams:
+    """`params` as a relaxed denoiser of `rule` needs them (RelaxedParams of this rule, a policy of the rule's
+    shapes, temperature > 0), else a clear error; public for relaxed denoisers built elsewhere (e.g. the relaxed
+    MotionCache of `experiments.cache_policy.token_rule`)."""
     if not isinstance(params, RelaxedParams):
         raise TypeError(f"a relaxed denoiser takes RelaxedParams (see relaxed_params), got {type(params).__name__}")
     if params.rule is not None and params.rule != rule:
@@ -151,7 +154,7 @@ class ThresholdRule:
         return {"log_thresh": jnp.float32(math.log(self.cfg.thresh))}
 
     def check_policy(self, policy) -> None:
-        _check_keys(policy, {"log_thresh": ()}, "ThresholdRule")
+        check_policy_shapes(policy, {"log_thresh": ()}, "ThresholdRule")
 
     @property
     def scope(self) -> str:
@@ -244,7 +247,7 @@ class PolicyNetRule:
 
     def check_policy(self, policy) -> None:
         nf = len(NET_FEATURES)
-        _check_keys(policy, {"linear": (nf,), "bias": (), "w_in": (nf, self.hidden), "b_in": (self.hidden,),
+        check_policy_shapes(policy, {"linear": (nf,), "bias": (), "w_in": (nf, self.hidden), "b_in": (self.hidden,),
                              "w_out": (self.hidden,)}, "PolicyNetRule")
 
     @property
@@ -300,7 +303,7 @@ class ScheduleRule:
         return {self.parametrization: jnp.asarray(v)}
 
     def check_policy(self, policy) -> None:
-        _check_keys(policy, {self.parametrization: (self.calls,)}, "ScheduleRule")
+        check_policy_shapes(policy, {self.parametrization: (self.calls,)}, "ScheduleRule")
 
     def gate(self, policy, rs, emb, call: Call, temperature, mode):
         if call.total != self.calls:
@@ -375,7 +378,9 @@ def resample_schedule(rule: ScheduleRule, policy, calls: int) -> tuple[ScheduleR
     return ScheduleRule(calls), {"logits": jnp.asarray(v)}
 
 
-def _check_keys(policy, shapes: dict, name: str) -> None:
+def check_policy_shapes(policy, shapes: dict, name: str) -> None:
+    """A policy dict with exactly the keys of `shapes` (key -> shape), each of that shape; else a ValueError
+    naming rule `name`."""
     if not isinstance(policy, dict) or set(policy) != set(shapes):
         got = sorted(policy) if isinstance(policy, dict) else type(policy).__name__
         raise ValueError(f"{name} policy must be a dict with keys {sorted(shapes)}, got {got}: the policy does "
@@ -462,7 +467,7 @@ def relaxed_cache(den: Denoiser, rule, *, mode: str = "straight_through") -> Den
                             spec.num_steps if rule.scope == "chunk" else calls)
 
     def apply(params, state: RelaxedState, x, t, context):
-        params = _check_params(params, rule)
+        params = check_relaxed_params(params, rule)
         temp = jax.lax.stop_gradient(params.temperature)
         emb, inner = st.embed(params.model, state.inner, x, t, context)
         g, rs = rule.gate(params.policy, state.rule, emb, state.call(), temp, mode)
@@ -487,7 +492,7 @@ def relaxed_cache(den: Denoiser, rule, *, mode: str = "straight_through") -> Den
     commit = None
     if den.commit is not None:
         def commit(params, state: RelaxedState, x0, context):
-            inner = den.commit(_check_params(params, rule).model, state.inner, x0, context)
+            inner = den.commit(check_relaxed_params(params, rule).model, state.inner, x0, context)
             return state.replace(inner=inner, rule=rule.reset(state.rule) if rule.scope == "chunk" else state.rule)
 
     out = wrap_denoiser(den, init=init, apply=apply, name=f"relaxed[{type(rule).__name__}]", commit=commit)
@@ -511,7 +516,29 @@ class LayerRule:
         return {"logits": jnp.full((self.calls, self.layers), 3.0, jnp.float32)}
 
     def check_policy(self, policy) -> None:
-        _check_keys(policy, {"logits": (self.calls, self.layers)}, "LayerRule")
+        check_policy_shapes(policy, {"logits": (self.calls, self.layers)}, "LayerRule")
+
+
+def top_k_layers(rule: LayerRule, policy, budget: float, share: float) -> dict:
+    """A logits policy whose hard version spends `budget` block-stack passes per call: it computes the k
+    (call, layer) self-attentions of highest logit (the first call's always), k = round((budget - (1 - share)) /
+    share x calls x layers), since a call costs (1 - share) + share x (its computed layers / layers) passes
+    (`relaxed_layer_reuse`; `share` = `attention_share`). A budget the rule cannot spend is a ValueError."""
+    check_budget(budget)
+    float_arg("share", share, low=0.0, high=1.0, low_open=True)
+    rule.check_policy(policy)
+    n = rule.calls * rule.layers
+    lo = 1.0 - share + share * rule.layers / n
+    if not lo - 1e-9 <= budget <= 1.0:
+        raise ValueError(f"budget={budget} cannot be spent by per-layer attention reuse: with attention {share:.3f} "
+                         f"of a block pass and the first call forced, a budget lies in [{lo:.4f}, 1]")
+    k = min(n, max(rule.layers, int(round((budget - (1.0 - share)) / share * n))))
+    v = np.asarray(policy["logits"], np.float64).copy()
+    v[0] = np.inf
+    keep = np.argsort(-v.reshape(-1), kind="stable")[:k]
+    out = np.full(n, -1.0, np.float32)
+    out[keep] = 1.0
+    return {"logits": jnp.asarray(out.reshape(rule.calls, rule.layers))}
 
 
 def attention_share(cfg, tokens: int, text_len: int) -> float:
@@ -549,7 +576,7 @@ def relaxed_layer_reuse(den: Denoiser, rule: LayerRule, *, mode: str = "straight
                             jnp.zeros((_calls(spec),), jnp.float32), _calls(spec), _calls(spec))
 
     def apply(params, state: RelaxedState, x, t, context):
-        params = _check_params(params, rule)
+        params = check_relaxed_params(params, rule)
         if state.calls != rule.calls:
             raise ValueError(f"the LayerRule has {rule.calls} calls but this sampler makes {state.calls} per branch")
         temp = jax.lax.stop_gradient(params.temperature)
@@ -794,6 +821,7 @@ def _find(state) -> RelaxedState:
 __all__ = ["MODES", "gate", "check_temperature", "check_budget", "RelaxedParams", "relaxed_params", "ThresholdRule",
            "NET_FEATURES", "policy_net_logits", "PolicyNetRule", "ScheduleRule", "LayerRule", "hard_schedule",
            "top_k_schedule", "resample_schedule", "Call", "RelaxedState", "relaxed_cache",
-           "attention_share", "relaxed_layer_reuse", "soft_token_gates", "soft_block_mask",
+           "top_k_layers", "attention_share", "relaxed_layer_reuse", "soft_token_gates", "check_relaxed_params",
+           "check_policy_shapes", "soft_block_mask",
            "block_weighted_attention", "RelaxedOutput", "REMATS", "relaxed_sample", "relaxed_rollout",
            "compute_fraction", "gates_of"]

@@ -4,14 +4,18 @@ Differentiable studies of cache policies on the embedded shapes models (CPU; see
 - memory: compiled memory of the gradient through a 50-step sample vs a 1-step one, with and without
   per-step rematerialisation;
 - sensitivity: d log(final error) / d(gate) per step at calibrated TeaCache's decisions, beside its indicator;
-- pareto: policies learned under a budget (threshold, per-step schedule) vs calibrated TeaCache and a uniform
-  schedule, hard decisions on held-out prompts, compute counted by the transforms' counters;
+- pareto: policies learned under a budget (threshold, per-step schedule, policy network; --kinds) vs calibrated
+  TeaCache and a uniform schedule, hard decisions on held-out prompts, compute counted by the transforms'
+  counters, with the learning record (hard training error of every iterate);
 - transfer: threshold, schedule and policy network learned at one budget (the last of --budgets), evaluated
   on held-out prompts, at --transfer-steps steps and at --transfer-frames latent frames (transfer.py).
-With --model ar (the shapes AR model, FlowCache instead of TeaCache) only sensitivity runs: d log(final
-error) / d(gate) per (chunk, step) of --chunks chunks at FlowCache's decisions (ar.py), on --train-prompts
-prompts; it writes <out>/sensitivity_ar.*.
-Writes <out>/<study>.json, .md and .png (results/cache_policy/ by default).
+With --model ar (the shapes AR model, --chunks chunks, FlowCache instead of TeaCache): sensitivity, d log(final
+error) / d(gate) per (chunk, step) at FlowCache's decisions (ar.py) -> <out>/sensitivity_ar.*; pareto, per-chunk
+schedule and threshold (scope "chunk") learned through `relaxed_rollout` vs calibrated FlowCache ->
+<out>/pareto_ar.*.
+Writes <out>/<study>.json, .md and .png (results/cache_policy/ by default). Three studies have commands of their
+own: `python -m experiments.cache_policy.heads` (XAttention per-head thresholds vs HASTE's EBC),
+`.tokens` (MotionCache's token threshold on AR rollouts) and `.layers` (per-layer attention reuse vs TeaCache).
 """
 
 from __future__ import annotations
@@ -24,23 +28,28 @@ import numpy as np
 
 from experiments.cache_policy.ar import ar_sensitivity, make_ar_setup
 from experiments.cache_policy.study import (
+    BUDGET_TOLERANCE,
+    LEARNING_RATES,
+    POLICIES,
+    baseline_name,
     calibrate,
     evaluate,
     evaluate_teacache,
+    evaluate_uniform,
     fmt_bytes,
     grad_memory,
     learn_policy,
     make_setup,
     sensitivity,
     teacache_rule,
-    uniform_schedule,
+    threshold_schedules,
 )
 from experiments.cache_policy.transfer import run_transfer
 from experiments.harness import machine, markdown_table, plot_or_skip, pyplot, write_results
-from vidaccel.relaxed import ScheduleRule, relaxed_cache, relaxed_params
 
 OUT = Path("results/cache_policy")
 STUDIES = ("memory", "sensitivity", "pareto", "transfer")
+AR_POLICIES = ("threshold", "schedule")
 
 
 def run_memory(setup, out: Path, log=print) -> dict:
@@ -188,54 +197,114 @@ def _plot_ar_sensitivity(rep, path):
     plt.close(fig)
 
 
-def run_pareto(setup, cal, out: Path, budgets, iters: int, log=print) -> dict:
-    steps = setup.solver.num_steps
-    rows, learned = [], {}
+def run_pareto(setup, cal, out: Path, budgets, iters: int, kinds=POLICIES, log=print) -> dict:
+    """Learned policies of `kinds` vs the calibrated baseline (TeaCache; FlowCache on AR setups) and a uniform
+    schedule at every budget, hard decisions on held-out prompts; writes <out>/pareto.* (pareto_ar.* on AR)."""
+    base = baseline_name(setup)
+    rows, learned, room = [], {}, {}
     for b in budgets:
         cfg, frac = teacache_rule(cal, b)
-        rows.append({"method": "TeaCache (calibrated)", "budget": b, **evaluate_teacache(setup, cfg)})
-        rule = ScheduleRule(steps)
-        den = relaxed_cache(setup.base, rule, mode="hard")
-        uniform = {"logits": uniform_schedule(steps, b)}
-        rows.append({"method": "uniform schedule", "budget": b, **evaluate(setup, den, relaxed_params(den, uniform))})
-        for kind in ("threshold", "schedule"):
+        room[b] = threshold_schedules(cal, b)
+        log(f"B={b:.2f}: {base} threshold {cfg.thresh:.4g} computes {frac:.3f}; the threshold reaches "
+            f"{room[b]['distinct']} distinct schedules, {room[b]['within_budget']} within the budget")
+        rows.append({"method": f"{base} (calibrated)", "budget": b, **evaluate_teacache(setup, cfg)})
+        rows.append({"method": "uniform schedule", "budget": b, **evaluate_uniform(setup, b)})
+        for kind in kinds:
             res = learn_policy(setup, kind, b, calibration=cal, iters=iters, log=log)
             ev = evaluate(setup, res.den_hard, res.params_hard)
             tr = evaluate(setup, res.den_hard, res.params_hard, split="train")
-            name = f"learned {kind}"
-            rows.append({"method": name, "budget": b, **ev, "train_psnr": tr["psnr"], "train_seconds": res.seconds})
-            learned[f"{kind}@{b}"] = {"policy": res.policy, "history": res.history,
-                                      "hard_policy": {k: np.asarray(v) for k, v in res.params_hard.policy.items()}}
-        log("\n".join(f"  {r['method']:<24} B={r['budget']:.2f} compute {r['compute']:.3f} PSNR {r['psnr']:.2f}"
-                      for r in rows if r["budget"] == b))
+            rows.append({"method": f"learned {kind}", "budget": b, **ev, "train_psnr": tr["psnr"],
+                         "train_compute": tr["compute"], "train_seconds": res.seconds})
+            hist = res.history
+            learned[f"{kind}@{b}"] = {
+                "policy": res.policy, "history": hist, "best_iter": res.best_iter,
+                "hard_policy": {k: np.asarray(v) for k, v in res.params_hard.policy.items()},
+                "start_hard_rel_mse": hist[0]["hard_rel_mse"], "kept_hard_rel_mse": hist[res.best_iter]["hard_rel_mse"],
+                "min_hard_rel_mse_any": min(h["hard_rel_mse"] for h in hist),
+                "first_loss": hist[0].get("loss"), "last_loss": hist[-2].get("loss") if len(hist) > 1 else None,
+                "admissible_iters": sum(h["admissible"] for h in hist)}
+        for r in rows:
+            if r["budget"] == b:
+                r["budget_holds"] = bool(abs(r["compute"] - b) <= BUDGET_TOLERANCE)
+                log(f"  {r['method']:<24} B={b:.2f} compute {r['compute']:.3f} PSNR {r['psnr']:.2f}")
     for r in rows:
         r.pop("psnr_per_video", None)
-    report = {"steps": steps, "guidance": setup.guidance, "train_prompts": setup.train.prompts,
-              "heldout_prompts": setup.heldout.prompts, "budgets": list(budgets), "iters": iters, "rows": rows,
-              "learned": learned, "machine": machine(), "teacache_fit_relative_error": cal["fit_relative_error"]}
-    md = ["# Learned cache policies vs calibrated TeaCache (held-out prompts, hard decisions)\n",
-          f"Shapes t2v model, UniPC {steps} steps, CFG {setup.guidance}; learned on {len(setup.train.prompts)} "
-          f"training prompts ({iters} Adam iterations, straight-through gates, dual ascent on the budget), "
-          f"evaluated on {len(setup.heldout.prompts)} held-out prompts. compute = block-stack passes / calls "
-          "from the transforms' counters. PSNR / SSIM of decoded videos vs the dense run.\n",
-          markdown_table(rows, {"method": "method", "budget": lambda r: f"{r['budget']:.2f}",
-                                "compute": lambda r: f"{r['compute']:.3f}", "PSNR": lambda r: f"{r['psnr']:.2f}",
-                                "SSIM": lambda r: f"{r['ssim']:.4f}", "rel. MSE": lambda r: f"{r['rel_mse']:.2e}",
-                                "train PSNR": lambda r: f"{r['train_psnr']:.2f}" if "train_psnr" in r else "-"})]
-    write_results(out, "pareto", report, "\n".join(md))
-    plot_or_skip(_plot_pareto, rows, out / "pareto.png", log=log)
+    name = "pareto_ar" if setup.chunks else "pareto"
+    report = {"model": "ar" if setup.chunks else "t2v", "steps": setup.solver.num_steps, "chunks": setup.chunks,
+              "guidance": setup.guidance, "train_prompts": setup.train.prompts,
+              "heldout_prompts": setup.heldout.prompts, "budgets": list(budgets), "iters": iters, "kinds": list(kinds),
+              "tolerance": BUDGET_TOLERANCE, "learning_rates": {k: LEARNING_RATES[k] for k in kinds},
+              "rows": rows, "learned": learned, "threshold_room": {str(k): v for k, v in room.items()},
+              "machine": machine(), "fit_relative_error": cal["fit_relative_error"]}
+    write_results(out, name, report, _pareto_markdown(report, base))
+    plot_or_skip(_plot_pareto, report, out / f"{name}.png", log=log)
     return report
 
 
-def _plot_pareto(rows, path):
+def _pareto_markdown(rep: dict, base: str) -> str:
+    what = "AR model, " + f"{rep['chunks']} chunks x " if rep["chunks"] else "t2v model, "
+    lr = ", ".join(f"{k} {v:g}" for k, v in rep["learning_rates"].items())
+    md = [f"# Learned cache policies vs calibrated {base} (held-out prompts, hard decisions)\n",
+          f"Shapes {what}UniPC {rep['steps']} steps, CFG {rep['guidance']}. Policies start at the calibrated "
+          f"{base} for the budget and are learned on {len(rep['train_prompts'])} training prompts: {rep['iters']} "
+          f"Adam iterations (lr {lr}) on log(rel. MSE of final latents vs dense) + lam (expected compute - B), "
+          "soft gates with the temperature annealed geometrically 1 -> 0.05, dual ascent on lam. Every iterate's "
+          "hard version (a schedule: its top round(B x calls) logits, each chunk's first call forced on AR) is "
+          "run with hard decisions on the training prompts; the kept iterate has the lowest hard training error "
+          "among those whose counted compute is "
+          f"within {rep['tolerance']} of B (iterate 0 is the {base} start). Evaluated on "
+          f"{len(rep['heldout_prompts'])} held-out prompts with hard decisions (`lax.cond`); compute = block-stack "
+          "passes / calls from the counters" + (" of the denoising calls (each chunk's commit pass, the same in "
+                                                 "every method, left out; with commits: the next column)"
+                                                 if rep["chunks"] else "")
+          + f"; holds: |compute - B| <= {rep['tolerance']}; PSNR / SSIM of decoded videos vs the dense run.\n",
+          markdown_table(rep["rows"], {
+              "method": "method", "budget": lambda r: f"{r['budget']:.2f}",
+              "compute": lambda r: f"{r['compute']:.3f}",
+              **({"with commits": lambda r: f"{r['compute_with_commits']:.3f}"} if rep["chunks"] else {}),
+              "holds": lambda r: "yes" if r["budget_holds"] else "no",
+              "PSNR": lambda r: f"{r['psnr']:.2f}", "SSIM": lambda r: f"{r['ssim']:.4f}",
+              "rel. MSE": lambda r: f"{r['rel_mse']:.2e}",
+              "train PSNR": lambda r: f"{r['train_psnr']:.2f}" if "train_psnr" in r else "-"}),
+          "\n## Did learning move?\n",
+          "Hard training error (rel. MSE of final latents, training prompts) of the start and of the kept iterate; "
+          "the lowest of any iterate (within the budget or not); the soft loss at the first and last update "
+          "(different temperatures, so not comparable as a curve: the hard column is the measure).\n",
+          markdown_table([{"key": k, **v} for k, v in rep["learned"].items()], {
+              "policy @ budget": "key", "start": lambda r: f"{r['start_hard_rel_mse']:.3e}",
+              "kept": lambda r: f"{r['kept_hard_rel_mse']:.3e}", "kept iterate": "best_iter",
+              "lowest any": lambda r: f"{r['min_hard_rel_mse_any']:.3e}",
+              "iterates within budget": lambda r: f"{r['admissible_iters']}/{len(r['history'])}",
+              "soft loss first -> last": lambda r: "-" if r["first_loss"] is None
+              else f"{r['first_loss']:+.3f} -> {r['last_loss']:+.3f}"}),
+          "\nRoom of the threshold: distinct hard schedules the calibrated rule reaches over thresholds 0.01x-100x "
+          "of the budget's, and how many of them are within the budget: " + ", ".join(
+              f"B={k}: {v['distinct']} / {v['within_budget']}" for k, v in rep["threshold_room"].items())
+          + ". The e0 indicator depends on the timestep only, so a threshold is a schedule, the same for every "
+          "prompt.\n"]
+    return "\n".join(md)
+
+
+def _plot_pareto(rep, path):
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = rep["rows"]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for m in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r["compute"], r["psnr"]) for r in rows if r["method"] == m)
-        ax.plot(*zip(*pts, strict=True), "o-", label=m)
-    ax.set_xlabel("compute (block-stack passes / calls)")
-    ax.set_ylabel("PSNR vs dense (dB), held-out")
-    ax.legend()
+        ax[0].plot(*zip(*pts, strict=True), "o-", label=m)
+    ax[0].set_xlabel("compute (block-stack passes / calls)")
+    ax[0].set_ylabel("PSNR vs dense (dB), held-out")
+    ax[0].legend(fontsize=7)
+    for k, v in rep["learned"].items():
+        err = np.array([h["hard_rel_mse"] for h in v["history"]])
+        out = np.array([not h["admissible"] for h in v["history"]])
+        (line,) = ax[1].plot(err, "o-", ms=3, label=k)
+        ax[1].plot(np.flatnonzero(out), err[out], "x", ms=8, color=line.get_color())
+    ax[1].set_title("x: iterate outside the budget (not eligible)", fontsize=9)
+    ax[1].set_yscale("log")
+    ax[1].set_xlabel("iterate")
+    ax[1].set_ylabel("hard rel. MSE, training prompts")
+    ax[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -245,24 +314,31 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m experiments.cache_policy", description=__doc__.splitlines()[2])
     ap.add_argument("study", nargs="?", default="all", choices=(*STUDIES, "all"))
     ap.add_argument("--model", default="t2v", choices=("t2v", "ar"),
-                    help="ar: the AR model with FlowCache (sensitivity only)")
+                    help="ar: the AR model with FlowCache (sensitivity and pareto)")
     ap.add_argument("--chunks", type=int, default=4, help="chunks per video of the AR study")
     ap.add_argument("--no-flips", action="store_true", help="AR sensitivity: skip the one-at-a-time flips")
     ap.add_argument("--steps", type=int, default=20, help="sampler steps of the sensitivity and pareto studies")
     ap.add_argument("--train-prompts", type=int, default=2)
     ap.add_argument("--heldout-prompts", type=int, default=4)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.4, 0.5])
-    ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--iters", type=int, default=8, help="Adam iterations of every learned policy")
+    ap.add_argument("--kinds", nargs="+", choices=POLICIES,
+                    help="policies the pareto study learns (default: all on t2v; threshold and schedule on ar)")
     ap.add_argument("--transfer-steps", type=int, default=30, help="step count the transfer study carries to")
     ap.add_argument("--transfer-frames", type=int, default=12, help="latent frames the transfer study carries to")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
+    kinds = tuple(a.kinds) if a.kinds else (AR_POLICIES if a.model == "ar" else POLICIES)
     if a.model == "ar":
-        if a.study not in ("sensitivity", "all"):
-            raise SystemExit(f"--model ar runs the sensitivity study only, not {a.study!r}")
-        run_ar_sensitivity(make_ar_setup(steps=a.steps, prompts=a.train_prompts, chunks=a.chunks), a.out,
-                           flips=not a.no_flips)
+        if a.study not in ("sensitivity", "pareto", "all"):
+            raise SystemExit(f"--model ar runs the sensitivity and pareto studies only, not {a.study!r}")
+        setup = make_ar_setup(steps=a.steps, prompts=a.train_prompts, chunks=a.chunks,
+                              heldout_prompts=a.heldout_prompts if a.study != "sensitivity" else 0)
+        if a.study in ("sensitivity", "all"):
+            run_ar_sensitivity(setup, a.out, flips=not a.no_flips)
+        if a.study in ("pareto", "all"):
+            run_pareto(setup, calibrate(setup), a.out, a.budgets, a.iters, kinds)
         print(f"done in {time.perf_counter() - t0:.0f} s; results in {a.out}")
         return
     setup = make_setup(steps=a.steps, train_prompts=a.train_prompts, heldout_prompts=a.heldout_prompts)
@@ -273,7 +349,7 @@ def main(argv=None) -> None:
     if "sensitivity" in todo:
         run_sensitivity(setup, cal, a.out)
     if "pareto" in todo:
-        run_pareto(setup, cal, a.out, a.budgets, a.iters)
+        run_pareto(setup, cal, a.out, a.budgets, a.iters, kinds)
     if "transfer" in todo:
         run_transfer(setup, cal, a.out, a.budgets[-1], a.iters, steps_to=a.transfer_steps,
                      frames_to=a.transfer_frames)

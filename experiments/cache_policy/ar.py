@@ -1,14 +1,18 @@
-"""The sensitivity map of cache decisions on AR rollouts (issue 18): d log(final error) / d g per (chunk, step)
-on the embedded shapes AR model, at FlowCache's decisions, beside FlowCache's indicator.
+"""Cache policies on AR rollouts (issue 18) with the embedded shapes AR model: the setup (`make_ar_setup`, an
+`ARSetup` with `chunks`, so that `calibrate`, `learn_policy` and `evaluate` of `study` run rollouts and FlowCache
+is the baseline), and the sensitivity map d log(final error) / d g per (chunk, step) at FlowCache's decisions,
+beside FlowCache's indicator.
 
     setup = make_ar_setup(steps=20, prompts=2, chunks=4)
     rep = ar_sensitivity(setup, budget=0.5)
+    res = learn_policy(setup, "schedule", 0.5, calibration=calibrate(setup))   # per-chunk schedule
 
 FlowCache (SkyReels variant: e0 indicator rescaled by a polynomial fitted on this rollout, warm-up of 5 calls
-and forced last call per chunk, per-chunk accumulator) is calibrated on the setup's prompts and its threshold
-chosen for `budget` of the calls (`choose_threshold` on the replayed schedule). The gates of a chunk-scope
-`ScheduleRule(parametrization="gates")` are set to its decisions; `relaxed_rollout` in soft mode with those
-gates (exactly 0 or 1) is the FlowCache rollout, which is checked (final latents) before differentiating.
+and forced last call per chunk, per-chunk accumulator) is calibrated on the setup's training prompts and its
+threshold chosen for `budget` of the calls (`choose_threshold` on the replayed schedule). The gates of a
+chunk-scope `ScheduleRule(parametrization="gates")` are set to its decisions; `relaxed_rollout` in soft mode
+with those gates (exactly 0 or 1) is the FlowCache rollout, which is checked (final latents) before
+differentiating.
 """
 
 from __future__ import annotations
@@ -19,15 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.cache_policy.study import FD_STEP, MAX_CHANGE_MARGIN, rel_mse
-from experiments.flowcache import WARMUP, flowcache, flowcache_config
-from experiments.teacache import calibrate_teacache
+from experiments.cache_policy.study import FD_STEP, Split, calibrate, make_split, rel_mse, teacache_rule
+from experiments.flowcache import WARMUP, flowcache
 from models.ar.rollout import RolloutConfig, chunk_denoiser, rollout
-from models.shapes import encode_prompts, sample_prompts
-from models.shapes.pretrained import latent_noise, load_shapes_model
+from models.shapes.pretrained import load_shapes_model
 from vidaccel.checks import int_arg
 from vidaccel.relaxed import RelaxedParams, ScheduleRule, relaxed_cache, relaxed_rollout
-from vidaccel.residual_cache import choose_threshold, rescale, schedule
+from vidaccel.residual_cache import rescale, schedule
 from vidaccel.solvers import unipc
 
 NUDGE = 1e-7         # relative change of the noise that measures how much the rollout amplifies rounding
@@ -35,8 +37,9 @@ NUDGE = 1e-7         # relative change of the noise that measures how much the r
 
 @dataclasses.dataclass
 class ARSetup:
-    """The shapes AR model's chunk denoiser, its solver and rollout config, prompts with their noise, text
-    embeddings and the dense rollout's final latents."""
+    """The shapes AR model's chunk denoiser, its solver and rollout config, training prompts with their noise,
+    text embeddings and the dense rollout's final latents (flat fields), and optionally held-out prompts
+    (`heldout`). `train` and `calls` make it a `study.Setup` for `calibrate`, `learn_policy` and `evaluate`."""
 
     base: object
     solver: object
@@ -46,38 +49,47 @@ class ARSetup:
     noise: jax.Array
     context: jax.Array
     dense: jax.Array
+    heldout: Split | None = None
+
+    @property
+    def train(self) -> Split:
+        return Split(self.prompts, self.noise, self.context, self.dense)
+
+    @property
+    def calls(self) -> int:
+        return self.solver.num_steps * self.chunks
 
 
-def make_ar_setup(*, steps: int = 20, prompts: int = 2, chunks: int = 4, guidance: float = 5.0, seed: int = 0,
-                  window_chunks: int = 3, model=None) -> ARSetup:
+def make_ar_setup(*, steps: int = 20, prompts: int = 2, chunks: int = 4, heldout_prompts: int = 0,
+                  guidance: float = 5.0, seed: int = 0, window_chunks: int = 3, model=None) -> ARSetup:
     """The committed shapes AR model (`num_frame_per_block` latent frames per chunk), UniPC `steps`, CFG
     `guidance`, a rolling window of `window_chunks` (the training context, as experiments/cache_table.py),
-    `prompts` training-split prompts and `chunks` chunks per video."""
+    `prompts` training-split prompts and `chunks` chunks per video; `heldout_prompts` held-out prompts (seed +
+    500 noise) with their dense rollouts in `heldout` (None when 0)."""
     int_arg("steps", steps, minimum=4)
     int_arg("prompts", prompts, minimum=1)
     int_arg("chunks", chunks, minimum=1)
+    int_arg("heldout_prompts", heldout_prompts, minimum=0)
     model = load_shapes_model("ar") if model is None else model
     base = chunk_denoiser(model, RolloutConfig(window_chunks=window_chunks))
     solver = unipc(steps)
-    names = sample_prompts(prompts, seed, "train")
-    ctx = jnp.asarray(encode_prompts(names))
-    noise = latent_noise(prompts, seed, chunks * model.cfg.num_frame_per_block)
-    dense = rollout(base, noise, ctx, solver=solver, guidance=guidance, negative_context=jnp.zeros_like(ctx))
-    return ARSetup(base, solver, guidance, chunks, names, noise, ctx, dense.latents)
+    frames = chunks * model.cfg.num_frame_per_block
+
+    def split(n, which):
+        return make_split(base, solver, guidance, n, seed, which, frames, chunks=chunks)
+
+    tr = split(prompts, "train")
+    return ARSetup(base, solver, guidance, chunks, tr.prompts, tr.noise, tr.context, tr.dense,
+                   split(heldout_prompts, "heldout") if heldout_prompts else None)
 
 
 def flowcache_rule(setup: ARSetup, budget: float, log=print):
-    """FlowCache-SkyReels calibrated on the setup's rollout: (config with the threshold that computes the
-    fraction of calls closest to `budget`, that fraction, the recorded e0 changes (branches, calls))."""
-    steps = setup.solver.num_steps
-    neg = jnp.zeros_like(setup.context)
-    log(f"FlowCache: calibrating on {len(setup.prompts)} prompts ({setup.chunks} chunks x {steps} steps)")
-    cal = calibrate_teacache(setup.base, setup.noise, setup.context, solver=setup.solver, indicator="e0",
-                             guidance=setup.guidance, negative_context=neg)
-    cfg = flowcache_config(1.0, cal.coefficients, max_change=cal.input_max * (1 + MAX_CHANGE_MARGIN))
-    changes = np.asarray(cal.input_change)
-    thresh, frac = choose_threshold(cfg, changes, steps, budget)
-    return dataclasses.replace(cfg, thresh=thresh), frac, changes
+    """FlowCache-SkyReels calibrated on the setup's training rollouts (`calibrate`): (config with the threshold
+    that computes the fraction of calls closest to `budget`, that fraction, the recorded e0 changes (branches,
+    calls))."""
+    cal = calibrate(setup, log)
+    cfg, frac = teacache_rule(cal, budget)
+    return cfg, frac, cal["input_change"]
 
 
 def ar_sensitivity(setup: ARSetup, budget: float = 0.5, *, flips: bool = True, log=print) -> dict:
