@@ -46,6 +46,7 @@ from vidaccel.transforms import (
     abstract_embedding,
     add_work,
     branch_states,
+    find_state,
     wrap_denoiser,
 )
 
@@ -811,11 +812,7 @@ def gates_of(state) -> jax.Array:
 
 
 def _find(state) -> RelaxedState:
-    while not isinstance(state, RelaxedState):
-        if not hasattr(state, "inner"):
-            raise ValueError(f"no RelaxedState inside {type(state).__name__}: not a relaxed denoiser's state")
-        state = state.inner
-    return state
+    return find_state(state, RelaxedState, ": not a relaxed denoiser's state")
 
 
 __all__ = ["MODES", "gate", "check_temperature", "check_budget", "RelaxedParams", "relaxed_params", "ThresholdRule",
