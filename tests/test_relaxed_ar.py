@@ -8,17 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import struct
-from policy_gradients import check_policy_gradients
+from policy_gradients import check_policy_gradients, recording, tiny_ar
 
 from experiments.flowcache import flowcache, flowcache_config
 from models.ar.rollout import chunk_denoiser, rollout
 from models.wan import init_transformer, wan_tiny
 from models.wan.denoiser import wan_denoiser
 from vidaccel import relaxed as R
-from vidaccel.residual_cache import ResidualCacheConfig, ResidualCacheState
+from vidaccel.residual_cache import ResidualCacheConfig
 from vidaccel.solvers import unipc
-from vidaccel.transforms import branch_states, find_state, total_work, wrap_denoiser
+from vidaccel.transforms import branch_states, total_work
 
 FPB, CHUNKS, STEPS = 2, 2, 3
 SOLVER = unipc(STEPS)
@@ -26,10 +25,7 @@ SOLVER = unipc(STEPS)
 
 @pytest.fixture(scope="module")
 def tiny():
-    m = init_transformer(wan_tiny(num_frame_per_block=FPB, num_layers=2), seed=5)
-    m.proj_out.kernel.set_value(jax.random.normal(jax.random.key(7), m.proj_out.kernel.shape) * 0.3)
-    k = jax.random.split(jax.random.key(11), 2)
-    x, ctx = jax.random.normal(k[0], (1, CHUNKS * FPB, 4, 4, 4)), jax.random.normal(k[1], (1, 3, 16))
+    m, x, ctx = tiny_ar(CHUNKS, FPB)
     return chunk_denoiser(m), x, ctx
 
 
@@ -37,29 +33,6 @@ def tiny():
 def _run(den, params, x, ctx, guidance):
     return R.relaxed_rollout(den, params, x, ctx, solver=SOLVER, guidance=guidance,
                              negative_context=jnp.zeros_like(ctx) if guidance else None, remat=False)
-
-
-@struct.dataclass
-class _Record:
-    """Which calls the wrapped FlowCache computed: its own counter read after every call."""
-
-    inner: object
-    seen: jax.Array
-    count: jax.Array
-
-
-def _recording(den):
-    def init(spec):
-        return _Record(den.init(spec), jnp.zeros((spec.num_steps * spec.num_chunks,), jnp.int32),
-                       jnp.zeros((), jnp.int32))
-
-    def apply(params, state, x, t, context):
-        v, inner = den.apply(params, state.inner, x, t, context)
-        now = find_state(inner, ResidualCacheState).computed
-        before = find_state(state.inner, ResidualCacheState).computed
-        return v, _Record(inner, state.seen.at[state.count].set(now - before), state.count + 1)
-
-    return wrap_denoiser(den, init=init, apply=apply, name="record")
 
 
 # e0 (timestep-only; FlowCache-SkyReels' preset with warm-up 1: the middle step of each chunk is free), with CFG;
@@ -77,7 +50,7 @@ def test_hard_equals_flowcache_rollout(tiny, name):
     base, x, ctx = tiny
     cfg, guidance = CONFIGS[name]
     neg = jnp.zeros_like(ctx) if guidance else None
-    ref = rollout(_recording(flowcache(base, cfg)), x, ctx, solver=SOLVER, guidance=guidance, negative_context=neg)
+    ref = rollout(recording(flowcache(base, cfg)), x, ctx, solver=SOLVER, guidance=guidance, negative_context=neg)
     want = np.stack([np.asarray(s.seen) > 0 for s in branch_states(ref.state)])
     assert 0 < want.mean() < 1, "the test rule must both skip and compute"
     assert want[:, ::STEPS].all()

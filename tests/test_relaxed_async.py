@@ -9,18 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import struct
 from jax.test_util import check_grads
+from policy_gradients import recording, tiny_ar
 
 from experiments.cache_policy.async_relaxed import df_compute_fraction, learn_async_threshold, relaxed_flowcache_df
 from experiments.flowcache.async_df import df_method
 from models.ar.diffusion_forcing import df_sample, df_work
 from models.ar.window import df_chunk_denoiser
-from models.wan import init_transformer, wan_tiny
 from vidaccel import relaxed as R
-from vidaccel.residual_cache import ResidualCacheState
 from vidaccel.solvers import unipc
-from vidaccel.transforms import branch_states, find_state, wrap_denoiser
+from vidaccel.transforms import branch_states
 
 FPB, CHUNKS, STEPS, AR_STEP = 2, 3, 9, 2
 FRAMES = FPB * CHUNKS
@@ -30,38 +28,12 @@ SOLVER = unipc(STEPS)
 
 @pytest.fixture(scope="module")
 def tiny():
-    m = init_transformer(wan_tiny(num_frame_per_block=FPB, num_layers=2), seed=5)
-    m.proj_out.kernel.set_value(jax.random.normal(jax.random.key(7), m.proj_out.kernel.shape) * 0.3)
-    k = jax.random.split(jax.random.key(11), 2)
-    return m, jax.random.normal(k[0], (1, FRAMES, 4, 4, 4)), jax.random.normal(k[1], (1, 3, 16))
+    return tiny_ar(CHUNKS, FPB)
 
 
 def _kwargs(ctx, guidance=5.0):
     return dict(solver=SOLVER, ar_step=AR_STEP, execution="chunks", guidance=guidance,
                 negative_context=jnp.zeros_like(ctx) if guidance else None)
-
-
-@struct.dataclass
-class _Record:
-    """Which calls the wrapped FlowCache computed: its own counter read after every call of this chunk slot."""
-
-    inner: object
-    seen: jax.Array
-    count: jax.Array
-
-
-def _recording(den):
-    def init(spec):
-        return _Record(den.init(spec), jnp.zeros((spec.num_steps * spec.num_chunks,), jnp.int32),
-                       jnp.zeros((), jnp.int32))
-
-    def apply(params, state, x, t, context):
-        v, inner = den.apply(params, state.inner, x, t, context)
-        now = find_state(inner, ResidualCacheState).computed
-        before = find_state(state.inner, ResidualCacheState).computed
-        return v, _Record(inner, state.seen.at[state.count].set(now - before), state.count + 1)
-
-    return wrap_denoiser(den, init=init, apply=apply, name="record", stages=None, commit=den.commit)
 
 
 def test_limits_equal_hard_flowcache(tiny):
@@ -70,7 +42,7 @@ def test_limits_equal_hard_flowcache(tiny):
     m, x, ctx = tiny
     den, execution = df_method("flowcache", m, window_frames=FRAMES, thresh=THRESH, coefficients=None)
     assert execution == "chunks"
-    ref = df_sample(_recording(den), x, ctx, **_kwargs(ctx))
+    ref = df_sample(recording(den, stages=None, commit=den.commit), x, ctx, **_kwargs(ctx))
     want = np.stack([np.asarray(s.seen) > 0 for s in branch_states(ref.state)])     # (branches, 1, chunks, calls)
     free = want[..., 5:STEPS - 1]
     assert want[..., :5].all() and want[..., STEPS - 1].all() and not want[..., STEPS:].any()

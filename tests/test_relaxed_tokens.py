@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import struct
+from policy_gradients import tiny_ar
 
 from experiments.cache_policy.token_rule import MotionTokenRule, relaxed_motioncache, to_motioncache
 from experiments.cache_policy.tokens import learn_tokens
 from experiments.motioncache import MotionCacheConfig, MotionCacheState
 from models.ar.rollout import chunk_denoiser, rollout
-from models.wan import init_transformer, wan_tiny
 from models.wan.denoiser import wan_denoiser
 from vidaccel import relaxed as R
 from vidaccel.solvers import unipc
@@ -34,10 +34,7 @@ FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes"
 
 @pytest.fixture(scope="module")
 def tiny():
-    m = init_transformer(wan_tiny(num_frame_per_block=FPB, num_layers=2), seed=5)
-    m.proj_out.kernel.set_value(jax.random.normal(jax.random.key(7), m.proj_out.kernel.shape) * 0.3)
-    k = jax.random.split(jax.random.key(11), 2)
-    x, ctx = jax.random.normal(k[0], (2, CHUNKS * FPB, 4, 4, 4)), jax.random.normal(k[1], (2, 3, 16))
+    m, x, ctx = tiny_ar(CHUNKS, FPB, batch=2)
     return chunk_denoiser(m), x, ctx, m
 
 
