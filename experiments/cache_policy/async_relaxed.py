@@ -35,11 +35,11 @@ import numpy as np
 from experiments.cache_policy.study import BUDGET_TOLERANCE, Split, learn_under_budget, rel_mse
 from experiments.flowcache import WARMUP, flowcache_config
 from experiments.flowcache.async_df import df_run
-from experiments.harness import machine, markdown_table, write_results
+from experiments.harness import machine, markdown_table, video_fidelity, write_results
 from experiments.teacache import WAN21_COEFFICIENTS
 from models.ar.diffusion_forcing import df_sample, df_work
 from models.ar.window import DFState, df_chunk_denoiser, df_state_of
-from models.shapes import encode_prompts, sample_prompts
+from models.shapes import decode_latents, encode_prompts, sample_prompts
 from models.shapes.pretrained import latent_noise, load_shapes_model
 from vidaccel.checks import choice_arg, int_arg
 from vidaccel.relaxed import MODES, RelaxedParams, RelaxedState, ThresholdRule, check_budget, relaxed_cache
@@ -161,8 +161,14 @@ def learn_async_threshold(setup: AsyncSetup, budgets=(0.5, 0.7), *, iters: int =
 
     def hard_point(log_thresh, split):
         out = hard_fns[split]({"log_thresh": jnp.float32(log_thresh)})
-        return {"threshold": math.exp(float(log_thresh)), "rel_mse": float(rel_mse(out.latents, getattr(
-            setup, split).dense)), **counted(out.state)}
+        dense = getattr(setup, split).dense
+        point = {"threshold": math.exp(float(log_thresh)), "rel_mse": float(rel_mse(out.latents, dense)),
+                 **counted(out.state)}
+        if split == "heldout":       # fidelity of the decoded videos, as every Pareto study reports it
+            fid = video_fidelity(decode_latents(np.asarray(out.latents), uint8=True),
+                                 decode_latents(np.asarray(dense), uint8=True))
+            point |= {"psnr": round(fid["psnr"], 2), "ssim": round(fid["ssim"], 4)}
+        return point
 
     t0 = time.perf_counter()
     thresholds = np.geomspace(0.02, 2.0, grid)
@@ -208,13 +214,14 @@ def markdown(rep: dict) -> str:
         for kind in ("calibrated", "learned"):
             p = r[kind]
             rows.append({"budget": f"{r['budget']:.2f}", "policy": kind, "threshold": f"{p['threshold']:.4g}",
-                         "compute": f"{p['compute']:.3f}", "rel_mse": f"{p['rel_mse']:.3e}"})
-    cols = {k: k for k in ("budget", "policy", "threshold", "compute", "rel_mse")}
+                         "compute": f"{p['compute']:.3f}", "PSNR": p["psnr"], "SSIM": p["ssim"],
+                         "rel_mse": f"{p['rel_mse']:.3e}"})
+    cols = {k: k for k in ("budget", "policy", "threshold", "compute", "PSNR", "SSIM", "rel_mse")}
     seen, front = set(), []
     for p in rep["front"]["heldout"]:
         if p["compute"] not in seen:
             seen.add(p["compute"])
-            front.append({"compute": f"{p['compute']:.3f}", "rel_mse": f"{p['rel_mse']:.3e}",
+            front.append({"compute": f"{p['compute']:.3f}", "PSNR": p["psnr"], "rel_mse": f"{p['rel_mse']:.3e}",
                           "threshold": f"{p['threshold']:.4g}"})
     same = [p["compute"] for p in rep["front"]["train"]] == [p["compute"] for p in rep["front"]["heldout"]]
     return "\n".join([
@@ -225,7 +232,7 @@ def markdown(rep: dict) -> str:
         f"{len(rep['train_prompts'])} training prompts counts the compute closest to the budget. Learned: "
         f"`learn_under_budget` ({rep['iters']} soft updates, lr {rep['lr']}) from it. Held-out: "
         f"{len(rep['heldout_prompts'])} prompts, hard decisions; compute = block passes / calls from the "
-        "counters; rel_mse of the final latents vs the uncached chunk run.", "",
+        "counters; PSNR / SSIM of the decoded videos and rel_mse of the final latents vs the uncached chunk run.", "",
         markdown_table(rows, cols), "",
         f"Counted compute equal on training and held-out prompts at every grid threshold: {same} (the e0 "
         "indicator depends on the timestep only). Learning kept iterate(s) "
@@ -233,7 +240,7 @@ def markdown(rep: dict) -> str:
         "",
         "Calibrated rule's front on the held-out prompts (each distinct compute over the threshold grid, at the "
         "smallest threshold reaching it):", "",
-        markdown_table(front, {k: k for k in ("compute", "rel_mse", "threshold")}), "",
+        markdown_table(front, {k: k for k in ("compute", "PSNR", "rel_mse", "threshold")}), "",
         f"Machine: {machine()}.", ""])
 
 
