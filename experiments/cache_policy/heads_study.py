@@ -110,7 +110,7 @@ def learn_heads(setup: Setup, runner: HardRunner, budget: float, init, *, iters:
                 temperature: float = 0.1, final_temperature: float = 0.02, mode: str = "soft",
                 dual_lr: float = 10.0, remat="step", log=print) -> LearnedHeads:
     """Learn the (layers, heads) threshold table on the training prompts under an attention-density budget, the
-    protocol of `study.learn_policy`: loss log(rel_mse of final latents vs dense) + lam (expected density -
+    shared protocol (`study.learn_under_budget`): loss log(rel_mse of final latents vs dense) + lam (expected density -
     budget), Adam on tau (kept in [0, 1]), dual ascent on lam >= 0, the temperature (in units of a row's block
     mass) annealed geometrically; every iterate also run hard on the training prompts, and the kept table the
     one with the lowest hard training error among those within `BUDGET_TOLERANCE` of the budget (iterate 0,
