@@ -53,6 +53,16 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "overfit1_attn": ({"prompt_pool": 1, "heads": 1, "rope_theta": 100.0, "decay_all": False},
                       "overfit1 with every attention lever at once: 1 head of 128, RoPE base 100, no decay on "
                       "norms/biases/embeddings"),
+    "memorize1": ({"prompt_pool": 1, "video_pool": 1},
+                  "one fixed video (one prompt, one render seed; fresh noise): can the model learn to denoise it?"),
+    "local": ({"local_heads": 2}, "2 of 4 self-attention heads per layer start local (`local_attention_init`)"),
+    "attn_local": ({"local_heads": 2, "rope_theta": 100.0, "decay_all": False},
+                   "2 of 4 heads start local, RoPE base 100, no decay on norms/biases/embeddings"),
+    "wide": ({"dim": 256}, "width 256 (FFN 1024) instead of 128: more width per token than its 96 latent values"),
+    "overfit1_wide": ({"prompt_pool": 1, "dim": 256},
+                      "overfit1 at width 256 (FFN 1024): a token carries 96 latent values, 0.75 of the width 128"),
+    "overfit1_local": ({"prompt_pool": 1, "local_heads": 2},
+                       "overfit1 with 2 of 4 self-attention heads per layer starting local"),
 }
 
 

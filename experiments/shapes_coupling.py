@@ -116,7 +116,8 @@ def report_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _checkpoint(spec: str) -> tuple[str, Path | None]:
+def checkpoint_spec(spec: str) -> tuple[str, Path | None]:
+    """`--checkpoint NAME=PATH` -> (NAME, PATH) (argparse type of the shapes diagnostics)."""
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"--checkpoint {spec!r}: expected NAME=PATH (an exported t2v folder)")
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m experiments.shapes_coupling", description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=8, help="training-split prompts (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", type=_checkpoint, action="append", default=[],
+    p.add_argument("--checkpoint", type=checkpoint_spec, action="append", default=[],
                    help="NAME=PATH of an exported t2v folder, repeatable (the committed model is always measured)")
     p.add_argument("--out", type=Path, default=Path("results/shapes/coupling.json"))
     a = p.parse_args(argv)

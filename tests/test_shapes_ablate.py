@@ -11,6 +11,8 @@ from flax import nnx
 
 from experiments.shapes_ablate import VARIANTS, eval_prompts, variant_config
 from experiments.shapes_ablate import main as ablate_main
+from experiments.shapes_coupling import attention_profile
+from models.shapes import sample_prompts
 from models.shapes.pretrained import training_info
 from models.shapes.train import TrainConfig, decay_mask, init_model, make_batch, model_config, optimizer, shapes_config
 from models.wan.config import WanConfig, wan21_t2v_1_3b, wan21_t2v_14b, wan_tiny
@@ -126,3 +128,42 @@ def test_ablate_trains_scores_and_records(tmp_path):
     assert [(r["variant"], r["steps"], r["eval"]["prompts"]) for r in runs] == [("overfit1", 1, "training pool")]
     assert 0.0 <= runs[0]["score"] <= 1.0 and np.isfinite(runs[0]["final_loss"])
     assert "| overfit1 | 1 |" in (tmp_path / "out" / "ablations.md").read_text()
+
+
+def test_local_attention_init_makes_the_first_heads_local_and_keeps_the_others():
+    prompts = sample_prompts(2, 0, "heldout")
+    plain = attention_profile(init_model(TrainConfig("t2v")), prompts, levels=(0.7,))
+    local = attention_profile(init_model(TrainConfig("t2v", local_heads=2)), prompts, levels=(0.7,))
+    for p, q in zip(plain, local):
+        assert all(x > 4.0 for x in q["local"][:2]) and all(x < 1.3 for x in p["local"][:2])
+        # the other heads keep their (near-uniform, content-driven) attention: the gain offsets the bias's rms
+        np.testing.assert_allclose(q["entropy"][2:], p["entropy"][2:], atol=0.1)
+        assert all(x < 1.3 for x in q["local"][2:])
+    # only the self-attention q/k biases and norm gains change, and only with local_heads > 0
+    a = nnx.state(init_model(TrainConfig("t2v")), nnx.Param)
+    b = nnx.state(init_model(TrainConfig("t2v", local_heads=2)), nnx.Param)
+    changed = {jax.tree_util.keystr(p) for p, same in jax.tree_util.tree_flatten_with_path(
+        jax.tree.map(lambda u, v: bool(jnp.array_equal(u, v)), a, b))[0] if not same}
+    assert changed == {f"['layers']['attn1']['{m}']['{w}'].value" for m, w in
+                       (("to_q", "bias"), ("to_k", "bias"), ("norm_q", "weight"), ("norm_k", "weight"))} or \
+        changed == {f"['layers']['attn1']['{m}']['{w}']" for m, w in
+                    (("to_q", "bias"), ("to_k", "bias"), ("norm_q", "weight"), ("norm_k", "weight"))}
+    with pytest.raises(ValueError, match="TrainConfig.local_heads"):
+        TrainConfig("t2v", heads=2, local_heads=3)
+
+
+def test_width_and_video_pool_switches():
+    wide = model_config(TrainConfig("t2v", dim=256))
+    assert (wide.dim, wide.num_attention_heads, wide.attention_head_dim, wide.ffn_dim) == (256, 4, 64, 1024)
+    with pytest.raises(ValueError, match=r"TrainConfig.dim=100 is not allowed"):
+        TrainConfig("t2v", dim=100)
+    # video_pool=1 with one prompt: every video of every batch is the same render; the noise still differs
+    tc = TrainConfig("t2v", batch=4, prompt_pool=1, video_pool=1)
+    a, b = make_batch(tc, 0), make_batch(tc, 7)
+    assert all(np.array_equal(a["x0"][0], x) for x in (*a["x0"], *b["x0"]))
+    assert not np.array_equal(a["noise"], b["noise"])
+    # the switch leaves everything else of the batch as the default draws it
+    plain = make_batch(TrainConfig("t2v", batch=4, prompt_pool=1), 0)
+    for key in ("context", "noise", "sigma"):
+        np.testing.assert_array_equal(a[key], plain[key])
+    assert not np.array_equal(plain["x0"][0], plain["x0"][1])

@@ -48,6 +48,7 @@ from models.shapes.prompts import sample_prompts
 from models.shapes.render import render_batch
 from models.wan.config import WanConfig
 from models.wan.loader import restore_converted, save_converted
+from models.wan.rope import axis_dims
 from models.wan.transformer import init_transformer
 from vidaccel.checks import bool_arg, choice_arg, float_arg, int_arg
 
@@ -68,6 +69,7 @@ def shapes_config(name: str) -> WanConfig:
 
 
 TEXT_INITS = ("wan", "xavier")
+WIDTHS = (128, 192, 256)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +92,12 @@ class TrainConfig:
     prompt_pool: int = 0          # 0: any train prompt; N: only the N of `sample_prompts(N, seed, "train")`
     decay_all: bool = True        # False: no weight decay on norms, biases, modulation tables and embeddings
     text_init: str = "wan"        # "wan": N(0, 0.02) text projection; "xavier": width-appropriate init
-    heads: int = 4                # attention heads of the dim-128 model (head dim 128 / heads)
+    heads: int = 4                # attention heads (head dim = dim / heads)
+    dim: int = 128                # model width; the FFN is 4 x dim wide (the committed models: 128, FFN 512)
     rope_theta: float = 10000.0   # RoPE base of the model (Wan's value)
+    video_pool: int = 0           # 0: a fresh render seed per video; N: render seeds 0..N-1 (with prompt_pool 1
+                                  # and video_pool 1, every video is the same render)
+    local_heads: int = 0          # self-attention heads per layer that start local (`local_attention_init`)
 
     def __post_init__(self):
         if self.cooldown and not 0 < self.cooldown <= self.steps - self.warmup:
@@ -101,14 +107,17 @@ class TrainConfig:
         int_arg("TrainConfig.prompt_pool", self.prompt_pool, minimum=0)
         choice_arg("TrainConfig.text_init", self.text_init, TEXT_INITS)
         choice_arg("TrainConfig.heads", self.heads, (1, 2, 4, 8))
+        choice_arg("TrainConfig.dim", self.dim, WIDTHS)
         bool_arg("TrainConfig.decay_all", self.decay_all)
         float_arg("TrainConfig.rope_theta", self.rope_theta, low=1.0, low_open=True)
+        int_arg("TrainConfig.video_pool", self.video_pool, minimum=0)
+        int_arg("TrainConfig.local_heads", self.local_heads, minimum=0, maximum=self.heads)
 
 
 def model_config(tc: TrainConfig) -> WanConfig:
-    """The model a run trains: `shapes_config(tc.name)` with the run's heads and RoPE base."""
+    """The model a run trains: `shapes_config(tc.name)` with the run's width, heads and RoPE base."""
     base = shapes_config(tc.name)
-    return base.replace(num_attention_heads=tc.heads, attention_head_dim=base.dim // tc.heads,
+    return base.replace(num_attention_heads=tc.heads, attention_head_dim=tc.dim // tc.heads, ffn_dim=4 * tc.dim,
                         rope_theta=float(tc.rope_theta))
 
 
@@ -126,7 +135,10 @@ def make_batch(tc: TrainConfig, step: int) -> dict[str, np.ndarray]:
         prompts = sample_prompts(tc.batch, prompt_seed, "train", unique=False)
     else:
         prompts = [pool[i] for i in np.random.default_rng(prompt_seed).integers(len(pool), size=tc.batch)]
-    video = render_batch(prompts, num_frames=2 * tc.latent_frames, seeds=rng.integers(2**31, size=tc.batch))
+    seeds = rng.integers(2**31, size=tc.batch)
+    if tc.video_pool:
+        seeds = seeds % tc.video_pool
+    video = render_batch(prompts, num_frames=2 * tc.latent_frames, seeds=seeds)
     x0 = encode_video(video)
     ctx = encode_prompts(prompts)
     ctx[rng.random(tc.batch) < CFG_DROPOUT] = 0.0
@@ -199,7 +211,51 @@ def init_model(tc: TrainConfig):
         init = nnx.initializers.xavier_uniform()
         for lin in (model.text_embedder.linear_1, model.text_embedder.linear_2):
             lin.kernel[...] = init(rngs.params(), lin.kernel.shape, lin.kernel.dtype)
+    if tc.local_heads:
+        local_attention_init(model, tc.local_heads)
     return model
+
+
+# A rotary pair takes part in the local init if it turns by at least this many radians per token.
+LOCAL_MIN_FREQ = 0.1
+# Bias amplitude on each such pair of q and k: RMSNorm then leaves a logit contrast of several nats between a
+# token and its neighbours two tokens away (measured by `experiments.shapes_coupling`'s `local`).
+LOCAL_BIAS = 6.0
+
+
+def local_attention_init(model, heads: int) -> None:
+    """Make the first `heads` self-attention heads of every layer attend locally at initialisation.
+
+    The q and k biases of such a head get amplitude `LOCAL_BIAS` on the first element of every rotary pair that
+    turns by at least `LOCAL_MIN_FREQ` rad per token. After RoPE, q_i . k_j then holds
+    sum_p b^2 cos(w_p (pos_i - pos_j)): a bump at offset 0 in time, height and width, whatever the input, so
+    neighbouring tokens exchange information from step 0 (the content term, xavier-initialised, rides on top
+    and training moves both). A ViT-style transformer without such a prior learns locality slowly; this is
+    the RoPE analogue of the positional "mimetic" or convolution-like inits for attention.
+    """
+    cfg = model.cfg
+    hd = cfg.attention_head_dim
+    theta = float(cfg.rope_theta)
+    pair_on = []
+    for dim in axis_dims(hd):
+        freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+        pair_on.append(freqs >= LOCAL_MIN_FREQ)
+    on = np.concatenate(pair_on)                                    # (hd // 2,) per rotary pair
+    head_bias = np.zeros((hd // 2, 2), np.float32)
+    head_bias[on, 0] = LOCAL_BIAS
+    bias = np.zeros((cfg.num_attention_heads, hd), np.float32)
+    bias[:heads] = head_bias.reshape(-1)
+    # q/k RMSNorm runs across heads, so the biases raise the rms that every head is divided by; the other heads'
+    # gains are raised by the same factor (content entries have rms ~1 under xavier), so their logits keep
+    # the spread they have without the local init.
+    restore = np.sqrt(1.0 + heads * int(on.sum()) * LOCAL_BIAS**2 / cfg.dim)
+    gain = np.ones((cfg.num_attention_heads, hd), np.float32)
+    gain[heads:] = restore
+    attn = model.layers.attn1                                       # blocks stacked on a leading layer axis
+    for lin in (attn.to_q, attn.to_k):
+        lin.bias[...] = jnp.broadcast_to(jnp.asarray(bias.reshape(-1), lin.bias.dtype), lin.bias.shape)
+    for norm in (attn.norm_q, attn.norm_k):
+        norm.weight[...] = jnp.broadcast_to(jnp.asarray(gain.reshape(-1), norm.weight.dtype), norm.weight.shape)
 
 
 def make_train_step(graphdef, tc: TrainConfig):
