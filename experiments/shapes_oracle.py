@@ -26,7 +26,7 @@ import numpy as np
 
 from experiments.harness import markdown_table, publish
 from experiments.shapes_coupling import checkpoint_spec
-from models.shapes import encode_prompts, encode_video, sample_prompts
+from models.shapes import decode_latents, encode_prompts, encode_video, sample_prompts
 from models.shapes.pretrained import load_shapes_model
 from models.shapes.render import render_batch
 from vidaccel.checks import int_arg
@@ -45,13 +45,23 @@ def oracle_x0(candidates: np.ndarray, xt: np.ndarray, s: float) -> np.ndarray:
     return np.asarray(w @ c).reshape(xt.shape)
 
 
+def smooth_share(err_latents: np.ndarray) -> float:
+    """Share of an x0 error's pixel-space energy kept by 2 x 2 x 2 (frame, row, col) mean pooling: 0.125 for
+    white noise (noise the model failed to remove), 1.0 for an error smooth at that scale (a misplaced or missing
+    object)."""
+    e = decode_latents(err_latents.astype(np.float32)) - decode_latents(np.zeros_like(err_latents, np.float32))
+    b, t, h, w, c = e.shape
+    pooled = e.reshape(b, t // 2, 2, h // 2, 2, w // 2, 2, c).mean((2, 4, 6))
+    return float(np.sum(pooled**2) * 8 / np.sum(e**2))
+
+
 def gap_by_level(model, prompts: list[str], candidates: int, videos: int, seed: int = 0,
                  levels=NOISE_LEVELS) -> list[dict]:
     """Per noise level: x0 MSE of the prior mean, of `model` (`model_mse`) and of the oracle, averaged over the
     one-object `prompts`."""
     call = jax.jit(lambda x, t, c: model(x, t, c))
     rng = np.random.default_rng(seed)
-    acc = {s: {"prior": [], "model_mse": [], "oracle": []} for s in levels}
+    acc = {s: {"prior": [], "model_mse": [], "oracle": [], "model_smooth": []} for s in levels}
     for prompt in prompts:
         cands = encode_video(render_batch([prompt] * candidates, seeds=np.arange(candidates)))
         x0 = encode_video(render_batch([prompt] * videos, seeds=TEST_SEED + np.arange(videos)))
@@ -61,6 +71,7 @@ def gap_by_level(model, prompts: list[str], candidates: int, videos: int, seed: 
             xt = ((1 - s) * x0 + s * rng.standard_normal(x0.shape)).astype(np.float32)
             v = np.asarray(call(jnp.asarray(xt), jnp.full((videos,), 1000.0 * s, jnp.float32), ctx))
             acc[s]["model_mse"].append(np.mean((xt - s * v - x0) ** 2))
+            acc[s]["model_smooth"].append(smooth_share(xt - s * v - x0))
             acc[s]["oracle"].append(np.mean((oracle_x0(cands, xt, s) - x0) ** 2))
             acc[s]["prior"].append(np.mean((mean - x0) ** 2))
     return [{"noise": s, **{k: round(float(np.mean(v)), 5) for k, v in acc[s].items()},
@@ -72,11 +83,12 @@ def report_markdown(res: dict) -> str:
     lines = [f"x0 MSE (latent units) of the one-call estimate from ground truth noised to level s: {res['n']} "
              f"held-out one-object prompts x {res['videos']} videos; oracle = posterior mean over "
              f"{res['candidates']} renders of the prompt (an upper bound on the optimum); prior = the mean of those "
-             "renders, what a model that ignores the noisy video can reach "
+             "renders, what a model that ignores the noisy video can reach; model_smooth = share of the model error's "
+             "pixel energy kept by 2 x 2 x 2 pooling (white noise 0.125, a smooth error 1.0) "
              "(`python -m experiments.shapes_oracle`).", ""]
     rows = [{"model": name, **r} for name, entry in res["models"].items() for r in entry]
     lines.append(markdown_table(rows, {c: c for c in ("model", "noise", "prior", "model_mse", "oracle",
-                                                      "model / oracle")}))
+                                                      "model / oracle", "model_smooth")}))
     return "\n".join(lines) + "\n"
 
 

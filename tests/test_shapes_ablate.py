@@ -127,7 +127,10 @@ def test_ablate_trains_scores_and_records(tmp_path):
     runs = json.loads((tmp_path / "out" / "ablations.json").read_text())["runs"]
     assert [(r["variant"], r["steps"], r["eval"]["prompts"]) for r in runs] == [("overfit1", 1, "training pool")]
     assert 0.0 <= runs[0]["score"] <= 1.0 and np.isfinite(runs[0]["final_loss"])
-    assert "| overfit1 | 1 |" in (tmp_path / "out" / "ablations.md").read_text()
+    assert [r["noise_level"] for r in runs[0]["denoise"]] == [0.5, 0.7, 0.85]
+    assert all(r["x0_mse"] > 0.0 and 0.0 <= r["score"] <= 1.0 for r in runs[0]["denoise"])
+    md = (tmp_path / "out" / "ablations.md").read_text()
+    assert "| overfit1 | 1 |" in md and "x0 mse / one-call score at 0.85" in md
 
 
 def test_local_attention_init_makes_the_first_heads_local_and_keeps_the_others():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from experiments.shapes_oracle import gap_by_level, main, oracle_x0
+from experiments.shapes_oracle import gap_by_level, main, oracle_x0, smooth_share
 from models.shapes import encode_video, sample_prompts
 from models.shapes.render import render_batch
 from models.shapes.train import shapes_config
@@ -35,3 +35,12 @@ def test_cli_rejects_bad_counts(capsys):
     with pytest.raises(SystemExit):
         main(["--candidates", "0"])
     assert "--candidates" in capsys.readouterr().err
+
+
+def test_smooth_share_tells_white_noise_from_a_smooth_error():
+    rng = np.random.default_rng(0)
+    white = rng.standard_normal((2, 8, 16, 16, 24)).astype(np.float32)
+    assert smooth_share(white) == pytest.approx(0.125, abs=0.01)
+    prompt = sample_prompts(1, 0, "heldout", max_objects=1)[0]
+    a, b = encode_video(render_batch([prompt] * 2, seeds=[0, 1]))
+    assert smooth_share((a - b)[None]) > 0.6                     # an object in the wrong place
