@@ -124,12 +124,22 @@ def checkpoint_spec(spec: str) -> tuple[str, Path | None]:
     return name, Path(path)
 
 
+def add_checkpoint_option(p: argparse.ArgumentParser) -> None:
+    """`--checkpoint NAME=PATH`, repeatable: exported t2v models measured beside the committed one."""
+    p.add_argument("--checkpoint", type=checkpoint_spec, action="append", default=[],
+                   help="NAME=PATH of an exported t2v folder, repeatable (the committed model is always measured)")
+
+
+def models_to_measure(args: argparse.Namespace) -> dict[str, Path | None]:
+    """The committed t2v model (path None) and every `--checkpoint`, by name."""
+    return {"committed t2v": None, **dict(args.checkpoint)}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m experiments.shapes_coupling", description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=8, help="training-split prompts (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", type=checkpoint_spec, action="append", default=[],
-                   help="NAME=PATH of an exported t2v folder, repeatable (the committed model is always measured)")
+    add_checkpoint_option(p)
     p.add_argument("--out", type=Path, default=Path("results/shapes/coupling.json"))
     a = p.parse_args(argv)
     try:
@@ -137,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         p.error(str(err))
     prompts = sample_prompts(a.n, a.seed, "train")
-    models = {"committed t2v": None, **dict(a.checkpoint)}
+    models = models_to_measure(a)
     res = {"n": a.n, "seed": a.seed, "checkpoints": {k: None if v is None else str(v) for k, v in models.items()},
            "models": {}, "attention": {}}
     for name, path in models.items():

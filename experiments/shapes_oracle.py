@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.harness import markdown_table, publish
-from experiments.shapes_coupling import checkpoint_spec
+from experiments.shapes_coupling import add_checkpoint_option, models_to_measure
 from models.shapes import decode_latents, encode_prompts, encode_video, sample_prompts
 from models.shapes.pretrained import load_shapes_model
 from models.shapes.render import render_batch
@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="renders per prompt in the oracle (default %(default)s)")
     p.add_argument("--videos", type=int, default=8, help="test videos per prompt (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", type=checkpoint_spec, action="append", default=[],
-                   help="NAME=PATH of an exported t2v folder, repeatable (the committed model is always measured)")
+    add_checkpoint_option(p)
     p.add_argument("--out", type=Path, default=Path("results/shapes/oracle.json"))
     a = p.parse_args(argv)
     try:
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         p.error(str(err))
     prompts = sample_prompts(a.n, a.seed, "heldout", max_objects=1)
-    models = {"committed t2v": None, **dict(a.checkpoint)}
+    models = models_to_measure(a)
     res = {"n": a.n, "candidates": a.candidates, "videos": a.videos, "seed": a.seed, "prompts": prompts,
            "checkpoints": {k: None if v is None else str(v) for k, v in models.items()}, "models": {}}
     for name, path in models.items():
