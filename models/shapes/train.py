@@ -48,7 +48,7 @@ from models.shapes.prompts import sample_prompts
 from models.shapes.render import render_batch
 from models.wan.config import WanConfig
 from models.wan.loader import restore_converted, save_converted
-from models.wan.rope import axis_dims
+from models.wan.rope import axis_frequencies
 from models.wan.transformer import init_transformer
 from vidaccel.checks import bool_arg, choice_arg, float_arg, int_arg
 
@@ -235,12 +235,7 @@ def local_attention_init(model, heads: int) -> None:
     """
     cfg = model.cfg
     hd = cfg.attention_head_dim
-    theta = float(cfg.rope_theta)
-    pair_on = []
-    for dim in axis_dims(hd):
-        freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-        pair_on.append(freqs >= LOCAL_MIN_FREQ)
-    on = np.concatenate(pair_on)                                    # (hd // 2,) per rotary pair
+    on = np.concatenate(axis_frequencies(hd, float(cfg.rope_theta))) >= LOCAL_MIN_FREQ   # (hd // 2,) rotary pairs
     head_bias = np.zeros((hd // 2, 2), np.float32)
     head_bias[on, 0] = LOCAL_BIAS
     bias = np.zeros((cfg.num_attention_heads, hd), np.float32)

@@ -21,12 +21,16 @@ def axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
+def axis_frequencies(head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rotation frequencies (rad per position, float64) of the t, h and w rotary pairs, in head-dim order."""
+    return tuple(1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim) for dim in axis_dims(head_dim))
+
+
 @functools.lru_cache(maxsize=16)
 def _tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[np.ndarray, ...]:
     out = []
     pos = np.arange(max_seq_len, dtype=np.float64)
-    for dim in axis_dims(head_dim):
-        freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    for freqs in axis_frequencies(head_dim, theta):
         ang = np.outer(pos, freqs)
         out += [np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)]
     return tuple(out)
