@@ -35,14 +35,21 @@ NOISE_LEVELS = (0.3, 0.5, 0.7, 0.85, 0.95)
 TEST_SEED = 1_000_000
 
 
-def oracle_x0(candidates: np.ndarray, xt: np.ndarray, s: float) -> np.ndarray:
-    """Posterior mean of x0 over `candidates` (K, ...) given noisy videos `xt` (B, ...) at level `s`."""
+def posterior_mean(candidates: np.ndarray):
+    """The oracle over `candidates` (K, ...): a function (noisy videos `xt` (B, ...), level `s`) -> E[x0 | x_s].
+
+    The candidates go to the device and their squared norms are taken once, not per noise level.
+    """
     c = jnp.asarray(candidates.reshape(len(candidates), -1))
-    x = jnp.asarray(xt.reshape(len(xt), -1))
-    # |x - (1-s) c|^2 = |x|^2 - 2 (1-s) x.c + (1-s)^2 |c|^2; |x|^2 is the same for every candidate
-    logw = (2 * (1 - s) * x @ c.T - (1 - s) ** 2 * jnp.sum(c * c, -1)[None]) / (2 * s * s)
-    w = jax.nn.softmax(logw, axis=-1)
-    return np.asarray(w @ c).reshape(xt.shape)
+    sq = jnp.sum(c * c, -1)[None]
+
+    def x0(xt: np.ndarray, s: float) -> np.ndarray:
+        x = jnp.asarray(xt.reshape(len(xt), -1))
+        # |x - (1-s) c|^2 = |x|^2 - 2 (1-s) x.c + (1-s)^2 |c|^2; |x|^2 is the same for every candidate
+        w = jax.nn.softmax((2 * (1 - s) * x @ c.T - (1 - s) ** 2 * sq) / (2 * s * s), axis=-1)
+        return np.asarray(w @ c).reshape(xt.shape)
+
+    return x0
 
 
 def smooth_share(err_latents: np.ndarray) -> float:
@@ -64,15 +71,17 @@ def gap_by_level(model, prompts: list[str], candidates: int, videos: int, seed: 
     acc = {s: {"prior": [], "model_mse": [], "oracle": [], "model_smooth": []} for s in levels}
     for prompt in prompts:
         cands = encode_video(render_batch([prompt] * candidates, seeds=np.arange(candidates)))
+        oracle = posterior_mean(cands)
         x0 = encode_video(render_batch([prompt] * videos, seeds=TEST_SEED + np.arange(videos)))
         ctx = jnp.asarray(encode_prompts([prompt] * videos))
         mean = cands.mean(0, keepdims=True)
         for s in levels:
             xt = ((1 - s) * x0 + s * rng.standard_normal(x0.shape)).astype(np.float32)
             v = np.asarray(call(jnp.asarray(xt), jnp.full((videos,), 1000.0 * s, jnp.float32), ctx))
-            acc[s]["model_mse"].append(np.mean((xt - s * v - x0) ** 2))
-            acc[s]["model_smooth"].append(smooth_share(xt - s * v - x0))
-            acc[s]["oracle"].append(np.mean((oracle_x0(cands, xt, s) - x0) ** 2))
+            err = xt - s * v - x0
+            acc[s]["model_mse"].append(np.mean(err**2))
+            acc[s]["model_smooth"].append(smooth_share(err))
+            acc[s]["oracle"].append(np.mean((oracle(xt, s) - x0) ** 2))
             acc[s]["prior"].append(np.mean((mean - x0) ** 2))
     return [{"noise": s, **{k: round(float(np.mean(v)), 5) for k, v in acc[s].items()},
              "model / oracle": round(float(np.mean(acc[s]["model_mse"]) / max(np.mean(acc[s]["oracle"]), 1e-12)), 1)}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from experiments.shapes_oracle import gap_by_level, main, oracle_x0, smooth_share
+from experiments.shapes_oracle import gap_by_level, main, posterior_mean, smooth_share
 from models.shapes import encode_video, sample_prompts
 from models.shapes.render import render_batch
 from models.shapes.train import shapes_config
@@ -15,9 +15,10 @@ def test_oracle_picks_the_right_candidate_at_low_noise_and_the_mean_at_high_nois
     cands = encode_video(render_batch([prompt] * 6, seeds=np.arange(6)))
     rng = np.random.default_rng(0)
     eps = rng.standard_normal(cands[:2].shape).astype(np.float32)
-    low = oracle_x0(cands, 0.9 * cands[[4, 1]] + 0.1 * eps, 0.1)
+    oracle = posterior_mean(cands)
+    low = oracle(0.9 * cands[[4, 1]] + 0.1 * eps, 0.1)
     np.testing.assert_allclose(low, cands[[4, 1]], atol=1e-4)
-    high = oracle_x0(cands, 1e-4 * cands[[4, 1]] + 0.9999 * eps, 0.9999)
+    high = oracle(1e-4 * cands[[4, 1]] + 0.9999 * eps, 0.9999)
     np.testing.assert_allclose(high, np.broadcast_to(cands.mean(0), high.shape), atol=1e-2)
 
 
